@@ -1,0 +1,196 @@
+"""Loading the three model parts from the folders the Hugging Face repos download to.
+
+A model folder (config.json, safetensors, tokenizer files, vae/) gives the backbone + tokenizer
+and the flow head; the VAE comes from its `vae/` subfolder, a standalone VAE folder, or a single
+file. When a folder is not what a loader needs, the error says what it looks like instead.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .backbone import Backbone
+from .config import backbone_config, flow_head_config, read_json
+from .errors import CheckpointError
+from .flow_head import FlowHead
+from .tokenizer import NextStepTokenizer
+from .vae import NextStepVAE, VAEConfig
+from .weights import WeightIndex, load_torch_state, safetensors_header, check_shapes
+
+HEAD_PREFIX = "image_head."
+VARIANTS = ("nextstep1-large", "nextstep1-large-pretrain", "nextstep1-large-edit", "nextstep1.1", "nextstep1.1-pretrain")
+
+
+def describe_folder(path: str) -> str:
+    """A short guess at what a folder or file is, for error messages."""
+    if not os.path.exists(path):
+        return "does not exist"
+    if os.path.isfile(path):
+        return f"is a file, not a folder ({os.path.basename(path)})"
+    files = set(os.listdir(path))
+    cfg = {}
+    if "config.json" in files:
+        try:
+            with open(os.path.join(path, "config.json"), encoding="utf-8") as fh:
+                cfg = json.load(fh)
+        except (OSError, ValueError):
+            return "has an unreadable config.json"
+    if cfg.get("model_type") == "nextstep" or "image_placeholder_id" in cfg:
+        return "is a NextStep model folder"
+    if {"checkpoint.pt"} & files or ("z_channels" in cfg and "ch_mult" in cfg):
+        return "looks like a NextStep VAE (tokenizer) folder, not a model folder"
+    if "model_index.json" in files:
+        return "looks like a diffusers pipeline folder"
+    if cfg.get("model_type") in ("qwen2", "llama"):
+        return f"looks like a plain {cfg['model_type']} language model without NextStep's image parts"
+    if not files:
+        return "is empty"
+    return "does not look like a NextStep checkpoint (no NextStep config.json)"
+
+
+def _model_config(folder: str) -> dict:
+    if not os.path.isdir(folder) or not os.path.isfile(os.path.join(folder, "config.json")):
+        raise CheckpointError(
+            f"{folder} {describe_folder(folder)}. Point the loader at the folder a NextStep repo downloads to "
+            "(e.g. stepfun-ai/NextStep-1-Large), which holds config.json, model*.safetensors and the tokenizer files.")
+    cfg = read_json(os.path.join(folder, "config.json"))
+    if not (cfg.get("model_type") == "nextstep" or "image_placeholder_id" in cfg):
+        raise CheckpointError(f"{folder} {describe_folder(folder)}; a NextStep model folder's config.json has "
+                              "model_type 'nextstep'.")
+    return cfg
+
+
+def model_variant(folder: str) -> str:
+    """Which released model a folder holds, from its name (the repos share one config class)."""
+    name = os.path.basename(os.path.normpath(folder)).lower().replace("_", "-")
+    if "1.1" in name or "1-1" in name:
+        return "nextstep1.1-pretrain" if "pretrain" in name else "nextstep1.1"
+    if "edit" in name:
+        return "nextstep1-large-edit"
+    if "pretrain" in name:
+        return "nextstep1-large-pretrain"
+    cfg_path = os.path.join(folder, "config.json")
+    if os.path.isfile(cfg_path):
+        cfg = read_json(cfg_path)
+        if "genloss_width" in cfg or cfg.get("base_image_grid_size") == 64:
+            return "nextstep1.1"
+    return "nextstep1-large"
+
+
+
+def load_backbone(folder: str, device="cpu", dtype=torch.float32, with_lm_head: bool = False):
+    """-> (Backbone, NextStepTokenizer). `lm_head` (1.5 GB at 14B) is read only for text generation."""
+    cfg_json = _model_config(folder)
+    tok = NextStepTokenizer(folder)
+    index = WeightIndex(folder)
+    if "image_in_projector.weight" not in index:
+        raise CheckpointError(f"{folder} has no image_in_projector weights: it looks like a plain language model, "
+                              "not NextStep. Download a NextStep repo.")
+    cfg = backbone_config(cfg_json, o_bias="layers.0.self_attn.o_proj.bias" in index)
+    _check_ids(cfg, tok, folder)
+    lm = with_lm_head and ("lm_head.weight" in index or cfg.tie_word_embeddings)
+    with torch.device("meta"):
+        model = Backbone(cfg, with_lm_head=lm, placeholder_id=tok.placeholder_id)
+    head = model.lm_head
+    if lm and "lm_head.weight" not in index:
+        model.lm_head = None  # tied: filled from embed_tokens below
+    index.load_into(model, "", device, dtype)
+    if lm and head is not None and model.lm_head is None:
+        model.lm_head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device=device, dtype=dtype)
+        model.lm_head.weight = model.embed_tokens.weight
+    model.eval().requires_grad_(False)
+    return model, tok
+
+
+def _check_ids(cfg, tok: NextStepTokenizer, folder: str) -> None:
+    for key, actual in (("boi", tok.boi_id), ("eoi", tok.eoi_id), ("image_placeholder_id", tok.placeholder_id)):
+        want = cfg.ids.get(key)
+        if want is not None and want != actual:
+            raise CheckpointError(f"{folder}: config.json says {key}={want} but the tokenizer has id {actual}; the "
+                                  "tokenizer files belong to another model. Download them from the same repo.")
+    if len(tok) > cfg.vocab_size:
+        raise CheckpointError(f"{folder}: the tokenizer has {len(tok)} tokens but the model only {cfg.vocab_size}.")
+
+
+def load_flow_head(folder: str, device="cpu", dtype=torch.float32) -> FlowHead:
+    cfg_json = _model_config(folder)
+    index = WeightIndex(folder)
+    if HEAD_PREFIX + "net.input_proj.weight" not in index:
+        raise CheckpointError(f"{folder} has no flow head (image_head.*) weights.")
+    token_dim = index.shapes[HEAD_PREFIX + "net.input_proj.weight"][1]
+    with torch.device("meta"):
+        head = FlowHead(flow_head_config(cfg_json, token_dim))
+    index.load_into(head, HEAD_PREFIX, device, dtype)
+    return head.eval().requires_grad_(False)
+
+
+def _vae_files(path: str):
+    """-> (config dict or None, weights file) for a VAE folder, a model folder with vae/, or a file."""
+    if os.path.isfile(path):
+        cfg_path = os.path.join(os.path.dirname(path), "config.json")
+        cfg = read_json(cfg_path) if os.path.isfile(cfg_path) else None
+        if cfg is not None and ("z_channels" not in cfg):
+            cfg = None  # a neighbouring config.json of something else
+        return cfg, path
+    if not os.path.isdir(path):
+        raise CheckpointError(f"VAE path {path} does not exist.")
+    if os.path.isdir(os.path.join(path, "vae")) and not os.path.isfile(os.path.join(path, "checkpoint.pt")):
+        path = os.path.join(path, "vae")
+    files = os.listdir(path)
+    weights = [f for f in ("checkpoint.pt", "diffusion_pytorch_model.safetensors", "model.safetensors") if f in files]
+    weights += sorted(f for f in files if f.endswith(".safetensors") and f not in weights)
+    if not weights:
+        raise CheckpointError(
+            f"{path} {describe_folder(path)} and has no VAE weights (checkpoint.pt or .safetensors). Download "
+            "vae/config.json and vae/checkpoint.pt from a NextStep repo (or stepfun-ai/NextStep-1-f8ch16-Tokenizer).")
+    cfg_path = os.path.join(path, "config.json")
+    return (read_json(cfg_path) if os.path.isfile(cfg_path) else None), os.path.join(path, weights[0])
+
+
+def load_vae(path: str, device="cpu", dtype=torch.float32) -> NextStepVAE:
+    cfg_json, weights = _vae_files(path)
+    if weights.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        header = safetensors_header(weights)
+        meta = header.get("__metadata__") or {}
+        if cfg_json is None and "nextstep_vae_config" in meta:
+            cfg_json = json.loads(meta["nextstep_vae_config"])
+        state = load_file(weights)
+    else:
+        state = load_torch_state(weights)
+    state = {k[len("vae."):] if k.startswith("vae.") else k: v for k, v in state.items()}
+    if "encoder.conv_in.weight" not in state or "decoder.conv_out.weight" not in state:
+        some = ", ".join(list(state)[:3])
+        raise CheckpointError(f"{weights} is not a NextStep/Flux-layout VAE (keys start {some}). Use the "
+                              "vae/checkpoint.pt of a NextStep repo.")
+    cfg = VAEConfig.from_json(cfg_json or {})
+    if cfg_json is None and state["encoder.conv_out.weight"].shape[0] != 2 * cfg.z_channels:
+        raise CheckpointError(f"{weights} has no config.json next to it and is not the standard NextStep VAE.")
+    with torch.device("meta"):
+        vae = NextStepVAE(cfg)
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    extra = sorted(set(state) - set(vae.state_dict()))
+    if extra:
+        raise CheckpointError(f"{weights} has weights this VAE config does not expect (e.g. {extra[0]}); its "
+                              "config.json belongs to another VAE.")
+    check_shapes(vae, state, weights)
+    try:
+        vae.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{weights} does not match its config.json: {str(exc).splitlines()[0]}") from None
+    return vae.eval().requires_grad_(False)
+
+
+def check_compatible(backbone: Backbone, head: FlowHead, vae: NextStepVAE | None = None) -> None:
+    """The three parts come from three loader nodes; say clearly when they do not belong together."""
+    if head.cfg.cond_dim != backbone.cfg.hidden_size:
+        raise CheckpointError(f"The flow head expects conditions of width {head.cfg.cond_dim} but the backbone's "
+                              f"hidden size is {backbone.cfg.hidden_size}: load both from the same model folder.")
+    if head.cfg.input_dim != backbone.cfg.token_dim:
+        raise CheckpointError(f"The flow head makes {head.cfg.input_dim}-number tokens but the backbone reads "
+                              f"{backbone.cfg.token_dim}: load both from the same model folder.")
+    if vae is not None and vae.cfg.z_channels != backbone.cfg.latent_channels:
+        raise CheckpointError(f"The VAE has {vae.cfg.z_channels} latent channels but the model expects "
+                              f"{backbone.cfg.latent_channels}: use the VAE of the NextStep repo (vae/ folder).")

@@ -1,0 +1,49 @@
+"""A preallocated key/value cache sized for exactly prompt + image tokens.
+
+Static shapes (and fixed addresses) are what let the decode step be captured later; the
+additive mask uses `finfo.min` like the official StaticCache path so even the rounding of
+attention matches when every slot is attended.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class StaticKVCache:
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (batch, num_kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # True where a slot holds a real (non-padding) token; the pad slots of left padding stay False.
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.length = 0  # slots filled so far; host-side bookkeeping only, never read from the device
+        self.max_len = max_len
+        self.dtype = dtype
+
+    @property
+    def batch(self) -> int:
+        return self.valid.shape[0]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def additive_mask(self, start: int, count: int, kv_len: int) -> torch.Tensor:
+        """[batch, 1, count, kv_len] mask for queries at positions start..start+count-1."""
+        q_pos = torch.arange(start, start + count, device=self.valid.device)
+        k_pos = torch.arange(kv_len, device=self.valid.device)
+        allowed = (k_pos[None, :] <= q_pos[:, None])[None] & self.valid[:, None, :kv_len]
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.valid.device)
+        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        return mask[:, None]
+
+    def clone(self) -> "StaticKVCache":
+        """A deep copy, so two continuations of one context cannot overwrite each other."""
+        other = StaticKVCache.__new__(StaticKVCache)
+        other.keys = [k.clone() for k in self.keys]
+        other.values = [v.clone() for v in self.values]
+        other.valid = self.valid.clone()
+        other.length = self.length
+        other.max_len = self.max_len
+        other.dtype = self.dtype
+        return other

@@ -1,0 +1,85 @@
+"""Prompt rows exactly as the official pipeline builds them.
+
+No chat template, no system prompt, no BOS: captions are raw text, left-padded with [PAD], then
+`<|image_area|>h*w` + boi appended to every row. CFG adds unconditional rows below the
+conditional ones: [cond][negative] for text-to-image, [image+instruction][image+negative]
+[negative] for editing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import SettingsError
+from .tokenizer import IMAGE_AREA, NextStepTokenizer
+
+IMAGE_TAG = "<image>"
+
+
+@dataclass
+class PromptRows:
+    input_ids: torch.Tensor       # [rows, L] int64, left padded
+    attention_mask: torch.Tensor  # [rows, L] int64, 0 on pads
+    cfg_mult: int                 # 1, 2 or 3 row groups
+    n_cond: int                   # rows per group = captions x images per caption
+    texts: list                   # the row texts before tokenizing (for debugging and tests)
+
+
+def image_area(h_tokens: int, w_tokens: int) -> str:
+    return f"{IMAGE_AREA}{h_tokens}*{w_tokens}"
+
+
+def image_block(tok: NextStepTokenizer, h_tokens: int, w_tokens: int) -> str:
+    """What an `<image>` tag in a caption becomes: area, boi, one placeholder per token, eoi."""
+    ids = [tok.boi_id] + [tok.placeholder_id] * (h_tokens * w_tokens) + [tok.eoi_id]
+    return image_area(h_tokens, w_tokens) + tok.decode(ids)
+
+
+def cfg_mult_for(cfg: float, cfg_img: float, editing: bool) -> int:
+    """Row groups. The reference pipeline branches on `!= 1` while its head counts `> 1`; inputs
+    below 1 are rejected earlier, so both agree here. Without text CFG no image CFG is applied,
+    as in the reference (its rows are built only for cfg != 1)."""
+    if cfg == 1.0:
+        return 1
+    return 3 if (editing and cfg_img != 1.0) else 2
+
+
+def build_rows(tok: NextStepTokenizer, captions: list[str], *, images_per_caption: int, positive: str | None,
+               negative: str | None, cfg: float, cfg_img: float, out_tokens_hw: tuple[int, int],
+               edit_tokens_hw: tuple[int, int] | None = None) -> PromptRows:
+    if not captions or not all(isinstance(c, str) for c in captions):
+        raise SettingsError("No prompt given: write at least one prompt.")
+    editing = edit_tokens_hw is not None
+    if editing:
+        block = image_block(tok, *edit_tokens_hw)
+        rows = []
+        for c in captions:
+            count = c.count(IMAGE_TAG)
+            if count == 0:
+                c = IMAGE_TAG + c  # the official examples put the image first
+            elif count > 1:
+                raise SettingsError(f"The edit instruction {c!r} has {count} {IMAGE_TAG} tags; use one.")
+            rows.append(c.replace(IMAGE_TAG, block))
+        captions = rows
+    cond = [c for c in captions for _ in range(images_per_caption)]
+    if positive:
+        cond = [f"{c} {positive}" for c in cond]
+    neg = negative or ""
+    mult = cfg_mult_for(cfg, cfg_img, editing)
+    texts = list(cond)
+    if mult == 3:
+        texts += [block + neg] * len(cond) + [neg] * len(cond)
+    elif mult == 2:
+        texts += [neg] * len(cond)
+    encoded = [tok.encode(t) for t in texts]
+    prefix = tok.encode(image_area(*out_tokens_hw)) + [tok.boi_id]
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(texts), width + len(prefix)), tok.pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, e in enumerate(encoded):
+        if e:
+            ids[r, width - len(e):width] = torch.tensor(e)
+        mask[r, width - len(e):] = 1
+    ids[:, width:] = torch.tensor(prefix)
+    return PromptRows(ids, mask, mult, len(cond), texts)
