@@ -45,7 +45,7 @@ def cfg_mult_for(cfg: float, cfg_img: float, editing: bool) -> int:
     return 3 if (editing and cfg_img != 1.0) else 2
 
 
-def build_rows(tok: NextStepTokenizer, captions: list[str], *, images_per_caption: int, positive: str | None,
+def build_rows(tok: NextStepTokenizer, captions: list[str], *, images_per_prompt: int, positive: str | None,
                negative: str | None, cfg: float, cfg_img: float, out_tokens_hw: tuple[int, int],
                edit_tokens_hw: tuple[int, int] | None = None) -> PromptRows:
     if not captions or not all(isinstance(c, str) for c in captions):
@@ -62,7 +62,7 @@ def build_rows(tok: NextStepTokenizer, captions: list[str], *, images_per_captio
                 raise SettingsError(f"The edit instruction {c!r} has {count} {IMAGE_TAG} tags; use one.")
             rows.append(c.replace(IMAGE_TAG, block))
         captions = rows
-    cond = [c for c in captions for _ in range(images_per_caption)]
+    cond = [c for c in captions for _ in range(images_per_prompt)]
     if positive:
         cond = [f"{c} {positive}" for c in cond]
     neg = negative or ""

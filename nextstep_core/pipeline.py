@@ -1,0 +1,165 @@
+"""Requests in, images and tokens out: text-to-image and editing on the three loaded parts.
+
+The same object serves the ComfyUI nodes, the CLI and the tests, so a seed gives the same
+image everywhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+import torch
+
+from .backbone import Backbone
+from .checkpoint import check_compatible
+from .engine import SamplingSettings, TokenCallback, TokenLoop, noise_for
+from .errors import NextStepError, SettingsError
+from .flow_head import FlowHead
+from .images import check_size, fit_image, to_model_pixels, to_output
+from .noise import make_generator
+from .prompts import PromptRows, build_rows
+from .samplers import check_guidance, check_sampler
+from .tokenizer import NextStepTokenizer
+from .vae import NextStepVAE, patchify, unpatchify
+
+MAX_SEED = 2 ** 64 - 1
+
+
+@dataclass
+class Request:
+    prompts: list
+    width: Optional[int] = 512     # None for edits: the (fitted) input size
+    height: Optional[int] = 512
+    positive: str = ""
+    negative: str = ""
+    images_per_prompt: int = 1
+    seed: int = 42
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    edit_images: Optional[list] = None  # RGB PIL images: one per prompt, or one for all
+    fit: str = "bucket"
+    fit_base: int = 512
+
+
+@dataclass
+class Result:
+    images: torch.Tensor   # [B, H, W, 3] float32 0..1 on the CPU
+    tokens: torch.Tensor   # [B, h*w, token_dim] float32, after use_norm, in generation order
+    rows: PromptRows
+    grid: tuple            # (h_tokens, w_tokens)
+
+
+def validate(req: Request) -> None:
+    prompts = [p for p in req.prompts] if req.prompts else []
+    if not prompts:
+        raise SettingsError("No prompt given: write at least one prompt.")
+    if any(not isinstance(p, str) for p in prompts):
+        raise SettingsError("Prompts must be text.")
+    if req.edit_images is None and req.width is not None:
+        check_size(req.width, req.height)
+    s = req.sampling
+    check_guidance(s.cfg, s.cfg_img)
+    check_sampler(s.sampler, s.steps)
+    if s.shift <= 0:
+        raise SettingsError(f"timesteps_shift={s.shift} must be positive (1.0 = no shift; the edit model uses 3.2).")
+    if req.images_per_prompt < 1:
+        raise SettingsError(f"images per prompt = {req.images_per_prompt}; use 1 or more.")
+    if not 0 <= int(req.seed) <= MAX_SEED:
+        raise SettingsError(f"seed={req.seed} is outside 0..2^64-1.")
+
+
+class NextStepPipeline:
+    def __init__(self, backbone: Backbone, tokenizer: NextStepTokenizer, head: FlowHead, vae: NextStepVAE):
+        check_compatible(backbone, head, vae)
+        self.backbone, self.tokenizer, self.head, self.vae = backbone, tokenizer, head, vae
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.device
+
+    def _edit_inputs(self, req: Request):
+        imgs = list(req.edit_images)
+        prompts = list(req.prompts)
+        if len(imgs) == 1 and len(prompts) > 1:
+            imgs = imgs * len(prompts)
+        elif len(prompts) == 1 and len(imgs) > 1:
+            prompts = prompts * len(imgs)
+        elif len(imgs) != len(prompts):
+            raise SettingsError(f"{len(prompts)} edit instructions but {len(imgs)} input images: give one "
+                                "instruction, one image, or as many of each.")
+        fitted = [fit_image(imgs[0], req.fit, req.fit_base)]
+        size = fitted[0].size
+        for img in imgs[1:]:
+            f = fit_image(img, req.fit, req.fit_base)
+            if f.size != size:
+                from PIL import Image
+                f = f.resize(size, Image.LANCZOS)  # one batch shares one size, as in the reference
+            fitted.append(f)
+        return prompts, fitted
+
+    @torch.inference_mode()
+    def run(self, req: Request, callback: Optional[TokenCallback] = None) -> Result:
+        validate(req)
+        s = req.sampling
+        bb, dev = self.backbone, self.device
+        prompts, fitted = (self._edit_inputs(req) if req.edit_images else (list(req.prompts), None))
+        width, height = req.width, req.height
+        if fitted is not None and width is None:
+            width, height = fitted[0].size
+        check_size(width, height)
+        p = bb.cfg.latent_patch_size * self.vae.cfg.down_factor
+        grid = (height // p, width // p)
+        edit_grid = (fitted[0].size[1] // p, fitted[0].size[0] // p) if fitted else None
+        rows = build_rows(self.tokenizer, prompts, images_per_prompt=req.images_per_prompt, positive=req.positive,
+                          negative=req.negative, cfg=s.cfg, cfg_img=s.cfg_img, out_tokens_hw=grid,
+                          edit_tokens_hw=edit_grid)
+        n_tokens = grid[0] * grid[1]
+        gen = make_generator(req.seed)
+        noise = noise_for(s, gen, req.images_per_prompt, rows.n_cond, bb.cfg.token_dim, dev, n_tokens)
+        image_tokens = None
+        if fitted is not None:
+            image_tokens = self._encode_edit_images(fitted, req.images_per_prompt, rows, noise, s.exact)
+        try:
+            embeds = bb.embed(rows.input_ids.to(dev), image_tokens)
+            cache = bb.new_cache(embeds.shape[0], embeds.shape[1] + n_tokens)
+            hidden = bb.prefill(embeds, rows.attention_mask.to(dev), cache,
+                                None if s.exact else embeds.shape[1])[:, -1]
+            tokens = TokenLoop(bb, self.head, s).run(hidden, cache, rows.cfg_mult, n_tokens, noise, callback)
+            del cache
+            images = self.decode(tokens, grid)
+        except torch.cuda.OutOfMemoryError:
+            raise NextStepError(
+                f"Out of GPU memory at {width}x{height} with {rows.input_ids.shape[0]} CFG rows. Use a smaller size "
+                "or batch, a lower-memory weight dtype, or free VRAM (other loaded models).") from None
+        return Result(images, tokens.cpu(), rows, grid)
+
+    def _encode_edit_images(self, fitted, images_per_prompt, rows: PromptRows, noise, exact):
+        """Latent tokens for every placeholder row, in row order. The reference draws (and throws
+        away) a posterior sample for every encoded row image first; we make the same draw."""
+        per_row = [img for img in fitted for _ in range(images_per_prompt)]
+        groups = 2 if rows.cfg_mult == 3 else 1
+        all_rows = per_row * groups
+        w, h = fitted[0].size
+        noise.discard((len(all_rows), self.vae.cfg.z_channels, h // self.vae.cfg.down_factor,
+                       w // self.vae.cfg.down_factor))
+        if exact:  # the reference encodes one stacked batch of every row image (rounding depends on it)
+            pixels = torch.stack([to_model_pixels(i) for i in all_rows]).to(self.device)
+            latents = self.vae.encode(pixels)
+        else:
+            pixels = torch.stack([to_model_pixels(i) for i in fitted]).to(self.device)
+            uniq = self.vae.encode(pixels)
+            index = torch.arange(len(fitted), device=self.device).repeat_interleave(images_per_prompt).repeat(groups)
+            latents = uniq[index]
+        return patchify(latents, self.backbone.cfg.latent_patch_size).reshape(-1, self.backbone.cfg.token_dim)
+
+    def decode(self, tokens: torch.Tensor, grid) -> torch.Tensor:
+        """Tokens [B, h*w, D] -> images [B, H, W, 3]; one image at a time to bound VAE memory."""
+        out = []
+        for b in range(tokens.shape[0]):
+            lat = unpatchify(tokens[b:b + 1].to(self.device), grid[0], grid[1], self.backbone.cfg.latent_channels,
+                             self.backbone.cfg.latent_patch_size)
+            out.append(to_output(self.vae.decode(lat)))
+        return torch.cat(out)
+
+
+def with_sampling(req: Request, **changes) -> Request:
+    return replace(req, sampling=replace(req.sampling, **changes))
