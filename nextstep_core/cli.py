@@ -1,0 +1,187 @@
+"""`python -m nextstep_core`: the same pipeline the nodes run, from a shell.
+
+Unset generation options take the recommended values of the model's card (see presets.py), so
+`generate --model DIR --prompt TEXT --out x.png` already does the right thing.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+from .errors import NextStepError
+from .presets import preset
+from .samplers import SAMPLERS
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="NextStep model folder (or a Hugging Face repo id to download)")
+    p.add_argument("--vae", help="VAE folder or file (default: the model folder's vae/)")
+    p.add_argument("--prompt", action="append", required=True, help="prompt; repeat for a batch of prompts")
+    p.add_argument("--positive", help="text appended to conditional prompts (default: the model card's)")
+    p.add_argument("--negative", help="negative prompt (default: the model card's)")
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--cfg", type=float, help="text CFG scale (1 = off)")
+    p.add_argument("--steps", type=int, help="flow-matching steps per image token")
+    p.add_argument("--shift", type=float, help="timesteps shift (1 = none)")
+    p.add_argument("--use-norm", action=argparse.BooleanOptionalAction, default=None,
+                   help="layer-normalise each sampled token (edit model: on)")
+    p.add_argument("--cfg-schedule", choices=["constant", "linear", "linear-ramp"])
+    p.add_argument("--sampler", choices=sorted(SAMPLERS))
+    p.add_argument("--seed", type=int)
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--exact", action="store_true",
+                   help="bit-for-bit parity with StepFun's pipeline (slower: no attention trimming or batched adaLN)")
+    p.add_argument("--out", required=True, help="output PNG (several images: NAME-0.png, NAME-1.png, ...)")
+    p.add_argument("--tokens-out", help="safetensors file with `tokens` [B, h*w, 64] and `images` [B, H, W, 3]")
+    p.add_argument("--quiet", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m nextstep_core", description="Run StepFun's NextStep-1 models.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="text to image")
+    _common(g)
+    e = sub.add_parser("edit", help="edit an image with an instruction (NextStep-1-Large-Edit)")
+    _common(e)
+    e.add_argument("--image", action="append", required=True, help="input image; repeat for a batch")
+    e.add_argument("--cfg-img", type=float, help="image CFG scale (1 = off)")
+    e.add_argument("--fit", default="bucket", choices=["bucket", "center-crop", "resize", "none"],
+                   help="how the input is brought to a multiple of 16 (bucket: nearest official aspect bucket)")
+    e.add_argument("--fit-size", type=int, default=512, help="base size for --fit")
+    t = sub.add_parser("tiny", help="write a tiny random checkpoint in the official layout (tests, smoke runs)")
+    t.add_argument("out")
+    t.add_argument("--edit", action="store_true", help="use the Edit repo's VAE config dialect")
+    t.add_argument("--v11", action="store_true", help="use the NextStep-1.1 config dialect")
+    t.add_argument("--shards", type=int, default=1)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--force", action="store_true", help="replace an existing folder")
+    return ap
+
+
+def resolve_model(name: str) -> str:
+    """A local folder, or a Hub repo id fetched into the Hugging Face cache (only when asked)."""
+    if os.path.isdir(name) or os.path.sep in name or name.startswith("."):
+        return name
+    if name.count("/") == 1:
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError:
+            raise NextStepError(f"{name!r} is not a folder, and huggingface_hub is not installed to download it.")
+        try:
+            return snapshot_download(name)
+        except Exception as exc:
+            raise NextStepError(f"Could not download {name!r} from the Hugging Face Hub ({type(exc).__name__}: "
+                                f"{exc}). Download it yourself and pass the folder.") from None
+    return name
+
+
+def _save_png(img, path: str) -> None:
+    """Write next to the target and rename, so a failure never leaves half a file."""
+    from PIL import Image
+    arr = (img.clamp(0, 1) * 255).round().byte().numpy()
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
+    os.close(fd)
+    try:
+        Image.fromarray(arr).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def output_paths(out: str, n: int) -> list[str]:
+    if n == 1:
+        return [out]
+    stem, ext = os.path.splitext(out)
+    return [f"{stem}-{i}{ext or '.png'}" for i in range(n)]
+
+
+def run_generation(args) -> int:
+    import torch
+    from .checkpoint import load_backbone, load_flow_head, load_vae, model_variant
+    from .devices import resolve_device, resolve_dtype
+    from .engine import SamplingSettings
+    from .images import open_image
+    from .pipeline import NextStepPipeline, Request
+
+    model = resolve_model(args.model)
+    variant = model_variant(model)
+    if args.command == "edit" and "edit" not in variant:
+        variant = "nextstep1-large-edit"  # editing settings, whatever the folder is called
+    card = preset(variant)
+    pick = lambda value, key: card[key] if value is None else value
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    t0 = time.perf_counter()
+    backbone, tok = load_backbone(model, device, dtype)
+    pipe = NextStepPipeline(backbone, tok, load_flow_head(model, device, dtype), load_vae(args.vae or model, device, dtype))
+    load_s = time.perf_counter() - t0
+    editing = args.command == "edit"
+    settings = SamplingSettings(
+        cfg=pick(args.cfg, "cfg"), cfg_img=pick(getattr(args, "cfg_img", None), "cfg_img") if editing else 1.0,
+        cfg_schedule=pick(args.cfg_schedule, "cfg_schedule"), steps=pick(args.steps, "steps"),
+        shift=pick(args.shift, "shift"), use_norm=pick(args.use_norm, "use_norm"), sampler=pick(args.sampler, "sampler"),
+        exact=args.exact)
+    req = Request(prompts=args.prompt, positive=pick(args.positive, "positive"), negative=pick(args.negative, "negative"),
+                  width=args.width if args.width or not editing else None,
+                  height=args.height if args.height or not editing else None,
+                  images_per_prompt=args.num_images, seed=pick(args.seed, "seed"), sampling=settings)
+    if not editing:
+        req.width, req.height = pick(args.width, "width"), pick(args.height, "height")
+    else:
+        req.edit_images = [open_image(p) for p in args.image]
+        req.fit, req.fit_base = args.fit, args.fit_size
+        if (args.width is None) != (args.height is None):
+            raise NextStepError("Give both --width and --height, or neither (then the output has the input's size).")
+    last = [time.perf_counter()]
+
+    def progress(done, total, _tokens):
+        if not args.quiet and (done == total or time.perf_counter() - last[0] > 1.0):
+            last[0] = time.perf_counter()
+            print(f"\rtoken {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    t1 = time.perf_counter()
+    result = pipe.run(req, progress)
+    gen_s = time.perf_counter() - t1
+    paths = output_paths(args.out, result.images.shape[0])
+    for img, path in zip(result.images, paths):
+        _save_png(img, path)
+    if args.tokens_out:
+        from safetensors.torch import save_file
+        folder = os.path.dirname(os.path.abspath(args.tokens_out))
+        fd, tmp = tempfile.mkstemp(suffix=".safetensors", dir=folder)
+        os.close(fd)
+        save_file({"tokens": result.tokens.float().contiguous(), "images": result.images.float().contiguous()}, tmp)
+        os.replace(tmp, args.tokens_out)
+    if not args.quiet:
+        n = result.tokens.shape[1]
+        print(f"{variant}: {len(paths)} image(s) {result.images.shape[2]}x{result.images.shape[1]}, {n} tokens, "
+              f"cfg {settings.cfg}, {settings.steps} steps, sampler {settings.sampler}; load {load_s:.1f}s, "
+              f"generate {gen_s:.1f}s ({gen_s / n * 1000:.1f} ms/token) -> {', '.join(paths)}", file=sys.stderr)
+    del torch
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "tiny":
+            from .tiny import write_tiny
+            write_tiny(args.out, edit=args.edit, v11=args.v11, shards=args.shards, seed=args.seed, force=args.force)
+            print(f"wrote a tiny NextStep checkpoint to {args.out}")
+            return 0
+        return run_generation(args)
+    except NextStepError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; nothing was written", file=sys.stderr)
+        return 130
