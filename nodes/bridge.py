@@ -1,0 +1,147 @@
+"""The only place that touches ComfyUI (`folder_paths`, `comfy.*`).
+
+Every import here is lazy and optional, so the pack, its engine and its tests import on a
+machine without ComfyUI; there the nodes still run, without memory management, progress bar
+or Cancel (nothing would drive them).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+MODEL_FOLDER = "nextstep"
+
+
+def _module(name: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def folder_paths():
+    return _module("folder_paths")
+
+
+def model_management():
+    return _module("comfy.model_management")
+
+
+def in_comfyui() -> bool:
+    return model_management() is not None
+
+
+def register_model_folder() -> None:
+    """models/nextstep, put first; a `nextstep:` entry in extra_model_paths.yaml (read before
+    packs load) keeps its own paths after it. Listing every file (empty extension set) is
+    deliberate: a model is a folder of config, tokenizer and weight files."""
+    fp = folder_paths()
+    if fp is None:
+        return
+    fp.add_model_folder_path(MODEL_FOLDER, os.path.join(fp.models_dir, MODEL_FOLDER), is_default=True)
+
+
+def model_roots() -> list[str]:
+    fp = folder_paths()
+    if fp is None:
+        return []
+    try:
+        return [p for p in fp.get_folder_paths(MODEL_FOLDER)]
+    except KeyError:
+        return []
+
+
+def vae_files() -> list[tuple[str, str]]:
+    """(name, full path) of the single files in ComfyUI's own `vae` folder."""
+    fp = folder_paths()
+    if fp is None:
+        return []
+    try:
+        names = fp.get_filename_list("vae")
+    except KeyError:
+        return []
+    out = []
+    for name in names:
+        if name.lower().endswith((".safetensors", ".pt", ".pth")):
+            path = fp.get_full_path("vae", name)
+            if path:
+                out.append((name, path))
+    return out
+
+
+def devices(choice: str) -> tuple[torch.device, torch.device]:
+    """(load device, offload device) for a loader's `device` widget. Under ComfyUI, "auto" is the
+    device ComfyUI computes on, with weights parked where it parks diffusion models."""
+    from ..nextstep_core.devices import resolve_device
+    if choice == "cpu":
+        cpu = torch.device("cpu")
+        return cpu, cpu
+    mm = model_management()
+    if mm is None:
+        dev = resolve_device("auto")
+        return dev, dev
+    return torch.device(mm.get_torch_device()), torch.device(mm.unet_offload_device())
+
+
+class PartHolder(torch.nn.Module):
+    """What ComfyUI's ModelPatcher manages. The patcher writes bookkeeping attributes (`device`,
+    `model_lowvram`, ...) onto the module it holds; the engine's modules expose `device` as a
+    read-only property, so they sit one level down."""
+
+    def __init__(self, part: torch.nn.Module, load_device: torch.device, offload_device: torch.device):
+        super().__init__()
+        self.part = part
+        self.device = offload_device
+        self.load_device = load_device
+
+
+def manage(part: torch.nn.Module, load_device: torch.device, offload_device: torch.device):
+    """-> a ModelPatcher for `part`, or None outside ComfyUI."""
+    patcher_mod = _module("comfy.model_patcher")
+    if patcher_mod is None:
+        return None
+    return patcher_mod.ModelPatcher(PartHolder(part, load_device, offload_device), load_device=load_device,
+                                    offload_device=offload_device)
+
+
+def load_to_device(patchers: list, memory_required: int) -> None:
+    """Ask ComfyUI to make room (offloading other models) and move our parts onto their device.
+    Whole parts: the engine's layers are plain torch modules, which ComfyUI cannot stream."""
+    patchers = [p for p in patchers if p is not None]
+    mm = model_management()
+    if mm is None or not patchers:
+        return
+    mm.load_models_gpu(patchers, memory_required=int(memory_required), force_full_load=True)
+    for p in patchers:
+        where = next(p.model.parameters()).device
+        if not same_device(where, torch.device(p.load_device)):
+            from ..nextstep_core.errors import DeviceError
+            raise DeviceError(
+                f"ComfyUI left a NextStep part on {where} instead of {p.load_device} (it does that with "
+                "--novram). NextStep needs each part whole on one device: start ComfyUI without --novram, or "
+                "set the three NextStep loaders' device to cpu.")
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def check_interrupt() -> None:
+    """Raises ComfyUI's interrupt exception when the user pressed Cancel."""
+    mm = model_management()
+    if mm is not None:
+        mm.throw_exception_if_processing_interrupted()
+
+
+def progress_bar(total: int, node_id=None):
+    utils = _module("comfy.utils")
+    if utils is None:
+        return None
+    return utils.ProgressBar(total, node_id=node_id)
+
+
+def preview_size() -> int:
+    args = getattr(_module("comfy.cli_args"), "args", None)
+    return int(getattr(args, "preview_size", 512) or 512)

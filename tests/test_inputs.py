@@ -1,0 +1,97 @@
+"""Bad or unusual user inputs to the pipeline: each gets a clear error or is converted."""
+import pytest
+import torch
+from PIL import Image
+
+from nextstep_core.engine import SamplingSettings
+from nextstep_core.errors import InputImageError, SettingsError
+from nextstep_core.images import bucket_sizes, check_size, fit_image, nearest_bucket, open_image
+from nextstep_core.pipeline import Request
+
+QUICK = SamplingSettings(steps=2)
+
+
+def test_sizes_must_be_multiples_of_16_and_the_error_names_the_nearest():
+    with pytest.raises(SettingsError, match="height=500 .* use 496 or 512"):
+        check_size(512, 500)
+    with pytest.raises(SettingsError, match="width=8"):
+        check_size(8, 512)
+
+
+def test_empty_prompt_list(tiny_pipeline):
+    with pytest.raises(SettingsError, match="No prompt"):
+        tiny_pipeline.run(Request([], 32, 32, sampling=QUICK))
+
+
+def test_seed_range(tiny_pipeline):
+    with pytest.raises(SettingsError, match="seed"):
+        tiny_pipeline.run(Request(["x"], 32, 32, seed=-1, sampling=QUICK))
+    tiny_pipeline.run(Request(["x"], 16, 16, seed=2 ** 64 - 1, sampling=QUICK))
+
+
+def test_unreadable_and_missing_images(tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    with pytest.raises(InputImageError, match="cannot be read as an image"):
+        open_image(bad)
+    with pytest.raises(InputImageError, match="does not exist"):
+        open_image(tmp_path / "none.png")
+
+
+def test_rgba_grayscale_and_palette_images_become_rgb():
+    rgba = open_image(Image.new("RGBA", (4, 4), (255, 0, 0, 0)))
+    assert rgba.mode == "RGB" and rgba.getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
+    assert open_image(Image.new("L", (4, 4), 7)).getpixel((1, 1)) == (7, 7, 7)
+    assert open_image(Image.new("P", (4, 4))).mode == "RGB"
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    img = Image.new("RGB", (40, 20), "red")
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 on display
+    path = tmp_path / "phone.jpg"
+    img.save(path, exif=exif)
+    assert open_image(path).size == (20, 40)
+
+
+@pytest.mark.parametrize("mode", ["bucket", "center-crop", "resize"])
+def test_every_fit_mode_gives_a_valid_size(mode):
+    out = fit_image(Image.new("RGB", (333, 517)), mode, 256)
+    assert out.size[0] % 16 == 0 and out.size[1] % 16 == 0
+
+
+def test_buckets_at_512_are_the_official_pixel_sizes():
+    sizes = bucket_sizes(512)
+    assert (512, 512) in sizes and (256, 1024) in sizes and (1024, 256) in sizes and (480, 544) in sizes
+    assert nearest_bucket(1080, 1920) == (384, 672)
+
+
+def test_fit_none_refuses_odd_sizes():
+    with pytest.raises(SettingsError, match="multiples of 16"):
+        fit_image(Image.new("RGB", (50, 64)), "none")
+
+
+def test_edit_batch_one_instruction_for_many_images(tiny_pipeline):
+    imgs = [Image.new("RGB", (64, 64), c) for c in ("red", "blue")]
+    req = Request(["make it green"], None, None, sampling=SamplingSettings(steps=2, cfg_img=2.0), edit_images=imgs,
+                  fit="center-crop", fit_base=32)
+    out = tiny_pipeline.run(req)
+    assert out.images.shape == (2, 32, 32, 3)
+    assert out.rows.cfg_mult == 3 and out.rows.input_ids.shape[0] == 6
+    with pytest.raises(SettingsError, match="2 edit instructions but 3 input images"):
+        tiny_pipeline.run(Request(["a", "b"], None, None, sampling=QUICK, edit_images=imgs + imgs[:1]))
+
+
+def test_the_callback_sees_every_token_and_can_cancel(tiny_pipeline):
+    from nextstep_core.errors import Cancelled
+    seen = []
+
+    def cb(done, total, tokens):
+        seen.append((done, total))
+        if done == 3:
+            raise Cancelled("stop")
+
+    with pytest.raises(Cancelled):
+        tiny_pipeline.run(Request(["x"], 32, 48, sampling=QUICK), cb)
+    assert seen == [(1, 6), (2, 6), (3, 6)]
+    assert tiny_pipeline.run(Request(["x"], 32, 32, sampling=QUICK)).tokens.shape == (1, 4, 64)

@@ -1,0 +1,96 @@
+"""Sampler maths against closed forms."""
+import pytest
+import torch
+
+from nextstep_core.errors import SettingsError
+from nextstep_core.noise import TokenNoise, make_generator
+from nextstep_core.samplers import (cfg_values, check_guidance, check_sampler, combine_cfg, draws_per_token,
+                                    sde_step, shift_time, time_grid)
+
+
+def test_shift_is_identity_at_one_and_pushes_time_towards_noise_above_one():
+    t = torch.linspace(0, 1, 11)
+    assert torch.equal(shift_time(t, 1.0), t)
+    shifted = shift_time(t, 3.2)
+    assert shifted[0] == 0 and shifted[-1] == 1 and bool((shifted[1:-1] < t[1:-1]).all())
+    torch.testing.assert_close(shifted[5], torch.tensor(0.5 / (3.2 - 2.2 * 0.5)))
+
+
+def test_nextstep1_grid_stops_short_of_one_and_the_11_grid_ends_at_one():
+    g1 = time_grid("nextstep1", 28, 3.2)
+    assert g1.shape == (28,) and g1[0] == 0
+    torch.testing.assert_close(g1[-1], shift_time(torch.tensor(0.96), 3.2))
+    g2 = time_grid("nextstep1.1", 28, 1.0)
+    assert g2.shape == (29,) and g2[-1] == 1.0
+    torch.testing.assert_close(g2[:-1], torch.arange(28) / 28)
+
+
+def test_sde_step_equals_simplified_drift():
+    """drift = v + (1-t) score with score = (t v - x) / (1 - t) simplifies to (1 + t) v - x."""
+    g = torch.Generator().manual_seed(0)
+    x, v, w = (torch.randn(4, 64, generator=g) for _ in range(3))
+    t, dt = torch.tensor(0.3), torch.tensor(0.05)
+    want = x + ((1 + t) * v - x) * dt + torch.sqrt(2 * (1 - t)) * torch.sqrt(dt) * w
+    torch.testing.assert_close(sde_step(x, v, t, dt, w), want, atol=1e-5, rtol=1e-5)
+
+
+def test_noise_free_step_moves_along_the_velocity_towards_data():
+    x, data = torch.zeros(1, 64), torch.ones(1, 64)
+    t = torch.tensor(0.0)
+    out = sde_step(x, data - x, t, torch.tensor(0.1), torch.zeros(1, 64))
+    torch.testing.assert_close(out, torch.full((1, 64), 0.1))
+
+
+def test_cfg_combination_formulas():
+    cond, unc_img, unc = torch.full((2, 3), 3.0), torch.full((2, 3), 2.0), torch.full((2, 3), 1.0)
+    assert torch.equal(combine_cfg(cond, 1, 5.0, 1.0), cond)
+    torch.testing.assert_close(combine_cfg(torch.cat([cond, unc]), 2, 7.5, 1.0), unc + 7.5 * (cond - unc))
+    three = combine_cfg(torch.cat([cond, unc_img, unc]), 3, 7.5, 2.0)
+    torch.testing.assert_close(three, unc + 2.0 * (unc_img - unc) + 7.5 * (cond - unc_img))
+
+
+def test_cfg_schedules():
+    const = cfg_values("constant", 7.5, 2.0, 4)
+    assert bool((const[:, 0] == 7.5).all()) and bool((const[:, 1] == 2.0).all())
+    lin = cfg_values("linear", 7.5, 1.0, 4)[:, 0]
+    torch.testing.assert_close(lin, torch.tensor([7.5, 1 + 6.5 * 3 / 4, 1 + 6.5 * 2 / 4, 1 + 6.5 / 4], dtype=torch.float64))
+    ramp = cfg_values("linear-ramp", 7.5, 1.0, 4)[:, 0]
+    torch.testing.assert_close(ramp, torch.tensor([3.75, 3.75, 4.25, 1 + 6.5 * 3 / 4], dtype=torch.float64))
+    with pytest.raises(SettingsError, match="cfg schedule"):
+        cfg_values("cosine", 7.5, 1.0, 4)
+
+
+def test_bad_guidance_and_steps_are_rejected_with_the_fix():
+    with pytest.raises(SettingsError, match=r"cfg=0.5 is below 1.*7.5"):
+        check_guidance(0.5, 1.0)
+    with pytest.raises(SettingsError, match="cfg_img"):
+        check_guidance(7.5, 0.0)
+    with pytest.raises(SettingsError, match="steps=0"):
+        check_sampler("nextstep1.1", 0)
+    with pytest.raises(SettingsError, match="steps=1"):
+        check_sampler("nextstep1", 1)
+    with pytest.raises(SettingsError, match="Unknown sampler"):
+        check_sampler("euler", 28)
+
+
+def test_one_big_draw_equals_the_official_sequence_of_small_draws():
+    """Drawing a chunk of tokens at once must give the numbers the reference draws one by one."""
+    steps, nr, rows = 5, 2, 6
+    noise = TokenNoise(make_generator(42), draws_per_token("nextstep1", steps), nr, rows, 64, "cpu", total_tokens=3)
+    got = [noise.for_token(k) for k in range(3)]
+    torch.manual_seed(42)
+    for k in range(3):
+        for d in range(steps):
+            want = torch.randn(nr, 64).repeat(rows // nr, 1)  # the reference's randn_tensor
+            assert torch.equal(got[k][d], want)
+
+
+def test_noise_never_draws_past_the_last_token():
+    gen = make_generator(1)
+    noise = TokenNoise(gen, 3, 1, 1, 64, "cpu", total_tokens=2)
+    noise.for_token(0)
+    noise.for_token(1)
+    after = torch.randn(1, generator=gen)
+    ref = make_generator(1)
+    torch.randn(2 * 3 * 64, generator=ref)
+    assert torch.equal(after, torch.randn(1, generator=ref))
