@@ -1,0 +1,122 @@
+"""CPU benchmark of the token loop: per-token time split into backbone / flow head / other,
+against a straightforward reference loop on the same random weights in the same process.
+
+    python bench/cpu_token_loop.py            # small config: hidden 512, 8 layers, 256x256, 28 steps, cfg 7.5
+
+Prints a markdown table; the ratio column is the figure to quote (absolute times drift with the
+machine). Peak RSS is the whole process's high-water mark.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import resource
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.reference_loop import sample_tokens as reference_tokens  # noqa: E402
+from nextstep_core.backbone import Backbone  # noqa: E402
+from nextstep_core.config import BackboneConfig, FlowHeadConfig  # noqa: E402
+from nextstep_core.engine import SamplingSettings, TokenLoop, noise_for  # noqa: E402
+from nextstep_core.flow_head import FlowHead  # noqa: E402
+from nextstep_core.noise import make_generator  # noqa: E402
+
+
+def build(args):
+    torch.manual_seed(0)
+    cfg = BackboneConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=8, num_kv_heads=2,
+                         head_dim=args.hidden // 8, intermediate_size=args.hidden * 3, vocab_size=1024,
+                         rms_norm_eps=1e-6, rope_theta=1e6)
+    bb = Backbone(cfg)
+    head = FlowHead(FlowHeadConfig(64, args.hidden, args.head_width, args.head_layers))
+    for m in (bb, head):
+        for p in m.parameters():
+            p.data.normal_(0, 0.5 / p.shape[-1] ** 0.5)
+    return bb.eval(), head.eval()
+
+
+def timed(obj, name, timers, key):
+    fn = getattr(obj, name)
+
+    def wrapper(*a, **k):
+        t0 = time.perf_counter()
+        out = fn(*a, **k)
+        timers[key] += time.perf_counter() - t0
+        return out
+    setattr(obj, name, wrapper)
+
+
+def run_engine(bb, head, ids, mask, n_tokens, args):
+    timers = defaultdict(float)
+    s = SamplingSettings(cfg=args.cfg, steps=args.steps)
+    timed(bb, "step", timers, "backbone")
+    timed(head, "prepare", timers, "head")
+    timed(head, "velocity", timers, "head")
+    t0 = time.perf_counter()
+    cache = bb.new_cache(ids.shape[0], ids.shape[1] + n_tokens)
+    hidden = bb.prefill(bb.embed(ids), mask, cache, ids.shape[1])[:, -1]
+    timers["prefill"] = time.perf_counter() - t0
+    noise = noise_for(s, make_generator(0), 1, ids.shape[0] // 2, 64, "cpu", n_tokens)
+    t1 = time.perf_counter()
+    TokenLoop(bb, head, s).run(hidden, cache, 2, n_tokens, noise)
+    total = time.perf_counter() - t1
+    for name in ("step", "prepare", "velocity"):
+        for obj in (bb, head):
+            obj.__dict__.pop(name, None)
+    return total, timers
+
+
+def run_reference(bb, head, ids, mask, n_tokens, args):
+    timers = defaultdict(float)
+    t0 = time.perf_counter()
+    reference_tokens(bb, head, ids, mask, 2, n_tokens, args.steps, args.cfg, 1.0, make_generator(0), timers)
+    return time.perf_counter() - t0 - timers["prefill"], timers
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--head-width", type=int, default=512)
+    ap.add_argument("--head-layers", type=int, default=6)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=28)
+    ap.add_argument("--cfg", type=float, default=7.5)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    bb, head = build(args)
+    n_tokens = (args.size // 16) ** 2
+    ids = torch.randint(0, 1000, (2, 24))
+    mask = torch.ones_like(ids)
+    with torch.inference_mode():
+        run_engine(bb, head, ids, mask, 4, args)  # warm-up
+        eng_total, eng = run_engine(bb, head, ids, mask, n_tokens, args)
+        ref_total, ref = run_reference(bb, head, ids, mask, n_tokens, args)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def row(name, total, tm):
+        per = lambda s: s / n_tokens * 1000
+        other = total - tm["backbone"] - tm["head"]
+        return (f"| {name} | {total:.2f} | {per(total):.1f} | {per(tm['backbone']):.1f} | {per(tm['head']):.1f} | "
+                f"{per(other):.1f} | {60 / total:.2f} |")
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads; "
+          f"hidden {args.hidden} x {args.layers} layers, head {args.head_width} x {args.head_layers}, "
+          f"{args.size}x{args.size} ({n_tokens} tokens), {args.steps} steps, cfg {args.cfg} (2 CFG rows)")
+    print("| loop | generate s | ms/token | backbone ms/token | head ms/token | other ms/token | images/min |")
+    print("|---|---|---|---|---|---|---|")
+    print(row("engine", eng_total, eng))
+    print(row("reference (no hoisting, growing cache)", ref_total, ref))
+    print(f"\nspeed-up engine vs reference: {ref_total / eng_total:.2f}x "
+          f"(head {ref['head'] / max(eng['head'], 1e-9):.2f}x, backbone {ref['backbone'] / max(eng['backbone'], 1e-9):.2f}x); "
+          f"peak RSS {rss:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Widgets the two generate nodes share, and how their values become engine settings.
+
+Defaults are the model cards' recommended settings, so a node dropped on the canvas makes the
+image the card shows; widget names and order are fixed (saved workflows store values by
+position, and the web extension finds widgets by name).
+"""
+from __future__ import annotations
+
+from ..nextstep_core.engine import SamplingSettings
+from ..nextstep_core.errors import SettingsError
+from ..nextstep_core.images import MULTIPLE, bucket_sizes
+from ..nextstep_core.presets import PRESETS
+from ..nextstep_core.samplers import SAMPLERS as ENGINE_SAMPLERS
+from .sockets import BACKBONE, FLOW_HEAD, VAE
+
+CATEGORY = "NextStep"
+MAX_SIZE = 2048
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+SAMPLERS = ["auto"] + list(ENGINE_SAMPLERS)
+CFG_SCHEDULES = ["constant", "linear", "linear-ramp"]
+
+
+def bucket_list(base: int = 512) -> str:
+    return ", ".join(f"{w}x{h}" for h, w in bucket_sizes(base))
+
+
+def model_inputs() -> dict:
+    return {
+        "backbone": (BACKBONE, {"tooltip": "From NextStep Backbone Loader."}),
+        "flow_head": (FLOW_HEAD, {"tooltip": "From NextStep Flow Head Loader (the same model folder as the backbone)."}),
+        "vae": (VAE, {"tooltip": "From NextStep VAE Loader."}),
+    }
+
+
+def prompt_input(tooltip: str, default: str = "", multiline: bool = True):
+    return ("STRING", {"default": default, "multiline": multiline, "tooltip": tooltip})
+
+
+def size_input(default: int, tooltip: str):
+    return ("INT", {"default": default, "min": MULTIPLE, "max": MAX_SIZE, "step": MULTIPLE, "tooltip": tooltip})
+
+
+def cfg_input(default: float, tooltip: str):
+    return ("FLOAT", {"default": default, "min": 1.0, "max": 30.0, "step": 0.1, "round": 0.01, "tooltip": tooltip})
+
+
+def sampling_inputs(steps: int, shift: float, use_norm: bool) -> dict:
+    """steps .. cfg_schedule, in widget order."""
+    return {
+        "steps": ("INT", {"default": steps, "min": 1, "max": 200, "tooltip": (
+            "Flow-matching steps per image token (the model cards use 28 for NextStep-1, 30 for 1.1, 50 for edits). "
+            "Fewer is faster and rougher.")}),
+        "timesteps_shift": ("FLOAT", {"default": shift, "min": 0.05, "max": 20.0, "step": 0.05, "round": 0.01,
+                                      "tooltip": (
+            "Time shift of the flow schedule: above 1 spends more steps near noise. 1.0 for text to image, "
+            "3.2 for the edit model.")}),
+        "use_norm": ("BOOLEAN", {"default": use_norm, "tooltip": (
+            "LayerNorm each sampled token before it is fed back, as the edit model expects (on for "
+            "NextStep-1-Large-Edit, off for the text-to-image models).")}),
+        "sampler": (SAMPLERS, {"default": "auto", "tooltip": (
+            "auto: the loaded model's own sampler (nextstep1 for NextStep-1 models, nextstep1.1 for NextStep-1.1). "
+            "nextstep1: SDE steps then a final Euler step (Aug 2025 release). nextstep1.1: SDE steps ending at t=1. "
+            "ode: deterministic Euler, noise only at the start (not an official setting).")}),
+        "cfg_schedule": (CFG_SCHEDULES, {"default": "constant", "tooltip": (
+            "How guidance changes over the image tokens. constant: the official default. linear: starts at cfg and "
+            "falls to 1 by the last token. linear-ramp: starts at cfg/2 and rises to cfg.")}),
+    }
+
+
+def seed_input(default: int):
+    return ("INT", {"default": default, "min": 0, "max": MAX_SEED, "control_after_generate": True, "tooltip": (
+        "Seed of the sampling noise (drawn on the CPU, so a seed gives the same image on any GPU).")})
+
+
+def resolve_sampler(sampler: str, backbone) -> str:
+    if sampler != "auto":
+        return sampler
+    return PRESETS.get(backbone.variant or "", PRESETS["nextstep1-large"])["sampler"]
+
+
+def sampling(backbone, *, cfg: float, cfg_img: float, cfg_schedule: str, steps: int, timesteps_shift: float,
+             use_norm: bool, sampler: str) -> SamplingSettings:
+    if sampler not in SAMPLERS:
+        raise SettingsError(f"sampler={sampler!r} is not one of {', '.join(SAMPLERS)}.")
+    return SamplingSettings(cfg=float(cfg), cfg_img=float(cfg_img), cfg_schedule=cfg_schedule, steps=int(steps),
+                            shift=float(timesteps_shift), use_norm=bool(use_norm),
+                            sampler=resolve_sampler(sampler, backbone))
+
+
+def size_problem(name: str, value) -> str | None:
+    """Why a width/height/size widget value cannot be used, or None. Linked values are only
+    known at run time (None here) and are checked then."""
+    if value is None:
+        return None
+    value = int(value)
+    if MULTIPLE <= value <= MAX_SIZE and value % MULTIPLE == 0:
+        return None
+    if value < MULTIPLE or value > MAX_SIZE:
+        near = str(MULTIPLE if value < MULTIPLE else MAX_SIZE)
+    else:
+        near = f"{value // MULTIPLE * MULTIPLE} or {value // MULTIPLE * MULTIPLE + MULTIPLE}"
+    return (f"{name}={value} cannot be used: it must be a multiple of 16 between {MULTIPLE} and {MAX_SIZE} "
+            f"(one image token is 16x16 pixels). Use {near}.")
