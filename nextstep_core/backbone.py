@@ -107,6 +107,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.placeholder_id = placeholder_id
+        self.source = ""  # the folder the weights came from, for reading the LM head later
         self.embed_tokens = ops.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, ops) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -173,9 +174,11 @@ class Backbone(nn.Module):
         cache.valid[:, start:start + n] = attention_mask.to(torch.bool)
         return self._run(embeds, cache, kv_len)
 
-    def step(self, embeds: torch.Tensor, cache: StaticKVCache, kv_len: int | None = None) -> torch.Tensor:
-        """One new (unpadded) position for every row."""
-        cache.valid[:, cache.length:cache.length + embeds.shape[1]] = True
+    def step(self, embeds: torch.Tensor, cache: StaticKVCache, kv_len: int | None = None,
+             valid: torch.Tensor | None = None) -> torch.Tensor:
+        """One new position for every row; `valid` [rows] (default all) says which rows really hold
+        a token there (a row that already finished its reasoning gets a masked slot)."""
+        cache.valid[:, cache.length:cache.length + embeds.shape[1]] = True if valid is None else valid[:, None]
         return self._run(embeds, cache, kv_len)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -90,18 +90,34 @@ def load_backbone(folder: str, device="cpu", dtype=torch.float32, with_lm_head: 
                               "not NextStep. Download a NextStep repo.")
     cfg = backbone_config(cfg_json, o_bias="layers.0.self_attn.o_proj.bias" in index)
     _check_ids(cfg, tok, folder)
-    lm = with_lm_head and ("lm_head.weight" in index or cfg.tie_word_embeddings)
     with torch.device("meta"):
-        model = Backbone(cfg, with_lm_head=lm, placeholder_id=tok.placeholder_id)
-    head = model.lm_head
-    if lm and "lm_head.weight" not in index:
-        model.lm_head = None  # tied: filled from embed_tokens below
+        model = Backbone(cfg, with_lm_head=False, placeholder_id=tok.placeholder_id)
     index.load_into(model, "", device, dtype)
-    if lm and head is not None and model.lm_head is None:
-        model.lm_head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device=device, dtype=dtype)
-        model.lm_head.weight = model.embed_tokens.weight
+    model.source = folder
+    if with_lm_head:
+        attach_lm_head(model)
     model.eval().requires_grad_(False)
     return model, tok
+
+
+def attach_lm_head(model: Backbone) -> Backbone:
+    """Read the LM head (1.5 GB at 14B) into an already loaded backbone, when text generation
+    (Self-CoT) first needs it; a no-op when it is there."""
+    if model.lm_head is not None:
+        return model
+    cfg = model.cfg
+    if cfg.tie_word_embeddings:
+        head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta")
+        head.weight = model.embed_tokens.weight
+    else:
+        index = WeightIndex(model.source)
+        if "lm_head.weight" not in index:
+            raise CheckpointError(f"{model.source} has no lm_head weights, which Self-CoT needs.")
+        with torch.device("meta"):
+            head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        index.load_into(head, "lm_head.", model.device, model.dtype)
+    model.lm_head = head.eval().requires_grad_(False)
+    return model
 
 
 def _check_ids(cfg, tok: NextStepTokenizer, folder: str) -> None:

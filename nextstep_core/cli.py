@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="text to image")
     _common(g)
+    g.add_argument("--self-cot", nargs="?", const="think", default="off", choices=["off", "think", "refine"],
+                   help="let the model reason in text before drawing (think) or rewrite the prompt (refine)")
+    g.add_argument("--reasoning", help="your own reasoning text instead of the model's (reproducible runs)")
+    g.add_argument("--think-tokens", type=int, default=256, help="most reasoning tokens before the span is closed")
+    g.add_argument("--temperature", type=float, default=0.0, help="reasoning sampling temperature (0 = greedy)")
+    g.add_argument("--top-p", type=float, default=0.9)
     e = sub.add_parser("edit", help="edit an image with an instruction (NextStep-1-Large-Edit)")
     _common(e)
     e.add_argument("--image", action="append", required=True, help="input image; repeat for a batch")
@@ -135,7 +141,11 @@ def run_generation(args) -> int:
                   height=args.height if args.height or not editing else None,
                   images_per_prompt=args.num_images, seed=pick(args.seed, "seed"), sampling=settings)
     if not editing:
+        from .reasoning import ReasoningSettings
         req.width, req.height = pick(args.width, "width"), pick(args.height, "height")
+        mode = "think" if args.reasoning is not None and args.self_cot == "off" else args.self_cot
+        req.reasoning = ReasoningSettings(mode=mode, max_tokens=args.think_tokens, temperature=args.temperature,
+                                          top_p=args.top_p, text=args.reasoning)
     else:
         req.edit_images = [open_image(p) for p in args.image]
         req.fit, req.fit_base = args.fit, args.fit_size
@@ -161,6 +171,9 @@ def run_generation(args) -> int:
         os.close(fd)
         save_file({"tokens": result.tokens.float().contiguous(), "images": result.images.float().contiguous()}, tmp)
         os.replace(tmp, args.tokens_out)
+    if not args.quiet and any(result.reasoning):
+        for i, text in enumerate(result.reasoning):
+            print(f"reasoning[{i}]: {text}", file=sys.stderr)
     if not args.quiet:
         n = result.tokens.shape[1]
         print(f"{variant}: {len(paths)} image(s) {result.images.shape[2]}x{result.images.shape[1]}, {n} tokens, "

@@ -37,6 +37,32 @@ class StaticKVCache:
         mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
         return mask[:, None]
 
+    def rows(self, start: int, stop: int) -> "StaticKVCache":
+        """A cache over rows start..stop-1 that shares storage with this one (writes go through);
+        used to run the conditional rows alone while they reason, before the others join."""
+        other = StaticKVCache.__new__(StaticKVCache)
+        other.keys = [k[start:stop] for k in self.keys]
+        other.values = [v[start:stop] for v in self.values]
+        other.valid = self.valid[start:stop]
+        other.length, other.max_len, other.dtype = self.length, self.max_len, self.dtype
+        return other
+
+    def grown(self, max_len: int) -> "StaticKVCache":
+        """A deep copy with room for `max_len` positions, so two continuations of one context
+        (storyboard branches) can never overwrite each other."""
+        other = StaticKVCache.__new__(StaticKVCache)
+        n = self.length
+        def copy(t):
+            out = t.new_zeros(t.shape[:2] + (max_len,) + t.shape[3:])
+            out[:, :, :n] = t[:, :, :n]
+            return out
+        other.keys = [copy(k) for k in self.keys]
+        other.values = [copy(v) for v in self.values]
+        other.valid = self.valid.new_zeros(self.valid.shape[0], max_len)
+        other.valid[:, :n] = self.valid[:, :n]
+        other.length, other.max_len, other.dtype = n, max_len, self.dtype
+        return other
+
     def clone(self) -> "StaticKVCache":
         """A deep copy, so two continuations of one context cannot overwrite each other."""
         other = StaticKVCache.__new__(StaticKVCache)

@@ -17,7 +17,8 @@ from .errors import NextStepError, SettingsError
 from .flow_head import FlowHead
 from .images import check_size, fit_image, to_model_pixels, to_output
 from .noise import make_generator
-from .prompts import PromptRows, build_rows
+from .prompts import PromptRows, build_rows, image_prefix, left_pad, row_texts
+from .reasoning import ReasoningSettings, forced_suffix, generate_reasoning
 from .samplers import check_guidance, check_sampler
 from .tokenizer import NextStepTokenizer
 from .vae import NextStepVAE, patchify, unpatchify
@@ -38,6 +39,7 @@ class Request:
     edit_images: Optional[list] = None  # RGB PIL images: one per prompt, or one for all
     fit: str = "bucket"
     fit_base: int = 512
+    reasoning: ReasoningSettings = field(default_factory=ReasoningSettings)
 
 
 @dataclass
@@ -46,6 +48,7 @@ class Result:
     tokens: torch.Tensor   # [B, h*w, token_dim] float32, after use_norm, in generation order
     rows: PromptRows
     grid: tuple            # (h_tokens, w_tokens)
+    reasoning: list = field(default_factory=list)  # one text per conditional row ('' when Self-CoT is off)
 
 
 def validate(req: Request) -> None:
@@ -65,6 +68,9 @@ def validate(req: Request) -> None:
         raise SettingsError(f"images per prompt = {req.images_per_prompt}; use 1 or more.")
     if not 0 <= int(req.seed) <= MAX_SEED:
         raise SettingsError(f"seed={req.seed} is outside 0..2^64-1.")
+    req.reasoning.check()
+    if req.reasoning.mode != "off" and req.edit_images:
+        raise SettingsError("Self-CoT is for text-to-image; the Edit model was not trained to reason. Turn it off.")
 
 
 class NextStepPipeline:
@@ -109,9 +115,12 @@ class NextStepPipeline:
         p = bb.cfg.latent_patch_size * self.vae.cfg.down_factor
         grid = (height // p, width // p)
         edit_grid = (fitted[0].size[1] // p, fitted[0].size[0] // p) if fitted else None
+        think = req.reasoning
+        suffix = forced_suffix(think, self.tokenizer) if think.mode != "off" and think.text is not None else ""
         rows = build_rows(self.tokenizer, prompts, images_per_prompt=req.images_per_prompt, positive=req.positive,
                           negative=req.negative, cfg=s.cfg, cfg_img=s.cfg_img, out_tokens_hw=grid,
-                          edit_tokens_hw=edit_grid)
+                          edit_tokens_hw=edit_grid, cond_suffix=suffix)
+        texts = [think.text if suffix else ""] * rows.n_cond
         n_tokens = grid[0] * grid[1]
         gen = make_generator(req.seed)
         noise = noise_for(s, gen, req.images_per_prompt, rows.n_cond, bb.cfg.token_dim, dev, n_tokens)
@@ -119,10 +128,13 @@ class NextStepPipeline:
         if fitted is not None:
             image_tokens = self._encode_edit_images(fitted, req.images_per_prompt, rows, noise, s.exact)
         try:
-            embeds = bb.embed(rows.input_ids.to(dev), image_tokens)
-            cache = bb.new_cache(embeds.shape[0], embeds.shape[1] + n_tokens)
-            hidden = bb.prefill(embeds, rows.attention_mask.to(dev), cache,
-                                None if s.exact else embeds.shape[1])[:, -1]
+            if think.mode != "off" and think.text is None:
+                cache, hidden, texts = self._prefill_with_reasoning(req, prompts, grid, n_tokens)
+            else:
+                embeds = bb.embed(rows.input_ids.to(dev), image_tokens)
+                cache = bb.new_cache(embeds.shape[0], embeds.shape[1] + n_tokens)
+                hidden = bb.prefill(embeds, rows.attention_mask.to(dev), cache,
+                                    None if s.exact else embeds.shape[1])[:, -1]
             tokens = TokenLoop(bb, self.head, s).run(hidden, cache, rows.cfg_mult, n_tokens, noise, callback)
             del cache
             images = self.decode(tokens, grid)
@@ -130,7 +142,42 @@ class NextStepPipeline:
             raise NextStepError(
                 f"Out of GPU memory at {width}x{height} with {rows.input_ids.shape[0]} CFG rows. Use a smaller size "
                 "or batch, a lower-memory weight dtype, or free VRAM (other loaded models).") from None
-        return Result(images, tokens.cpu(), rows, grid)
+        return Result(images, tokens.cpu(), rows, grid, texts)
+
+    def _prefill_with_reasoning(self, req: Request, prompts, grid, n_tokens):
+        """Conditional rows: caption, span opening, generated text, span closing; then the
+        unconditional rows are prefilled right-aligned to the same end, and all rows continue
+        with the image prefix. One cache, nothing prefilled twice."""
+        bb, tok, s, think = self.backbone, self.tokenizer, req.sampling, req.reasoning
+        if bb.lm_head is None:
+            from .checkpoint import attach_lm_head
+            attach_lm_head(bb)
+        dev = self.device
+        cond, uncond, mult = row_texts(tok, prompts, images_per_prompt=req.images_per_prompt, positive=req.positive,
+                                       negative=req.negative, cfg=s.cfg, cfg_img=s.cfg_img)
+        open_ = think.span(tok)[0]
+        cond_ids, cond_mask = left_pad(tok, [tok.encode(t + open_) for t in cond])
+        prefix = image_prefix(tok, grid)
+        lc = cond_ids.shape[1]
+        unc = left_pad(tok, [tok.encode(t) for t in uncond]) if uncond else None
+        lu = unc[0].shape[1] if unc else 0
+        front = max(0, lu - (lc + 1))  # so the unconditional rows fit even if the reasoning is empty
+        total_rows = len(cond) + len(uncond)
+        cache = bb.new_cache(total_rows, front + lc + think.max_tokens + 1 + len(prefix) + n_tokens)
+        kv = (lambda c, n: None) if s.exact else (lambda c, n: c.length + n)
+        cv = cache.rows(0, len(cond))
+        cv.length = front
+        hidden = bb.prefill(bb.embed(cond_ids.to(dev)), cond_mask.to(dev), cv, kv(cv, lc))[:, -1]
+        ids = generate_reasoning(bb, tok, cv, hidden, think, make_generator(req.seed ^ 0x5EED5EED), s.exact)
+        end = cv.length
+        if unc is not None:
+            uv = cache.rows(len(cond), total_rows)
+            uv.length = end - lu
+            bb.prefill(bb.embed(unc[0].to(dev)), unc[1].to(dev), uv, kv(uv, lu))
+        cache.length = end
+        p = torch.tensor([prefix] * total_rows, device=dev)
+        hidden = bb.prefill(bb.embed(p), torch.ones_like(p), cache, kv(cache, len(prefix)))[:, -1]
+        return cache, hidden, [tok.decode(r, skip_special_tokens=True) for r in ids]
 
     def _encode_edit_images(self, fitted, images_per_prompt, rows: PromptRows, noise, exact):
         """Latent tokens for every placeholder row, in row order. The reference draws (and throws

@@ -45,12 +45,14 @@ def cfg_mult_for(cfg: float, cfg_img: float, editing: bool) -> int:
     return 3 if (editing and cfg_img != 1.0) else 2
 
 
-def build_rows(tok: NextStepTokenizer, captions: list[str], *, images_per_prompt: int, positive: str | None,
-               negative: str | None, cfg: float, cfg_img: float, out_tokens_hw: tuple[int, int],
-               edit_tokens_hw: tuple[int, int] | None = None) -> PromptRows:
+def row_texts(tok: NextStepTokenizer, captions: list[str], *, images_per_prompt: int, positive: str | None,
+              negative: str | None, cfg: float, cfg_img: float, edit_tokens_hw: tuple[int, int] | None = None,
+              cond_suffix: str = "") -> tuple[list[str], list[str], int]:
+    """-> (conditional row texts, unconditional row texts, cfg_mult) before tokenizing."""
     if not captions or not all(isinstance(c, str) for c in captions):
         raise SettingsError("No prompt given: write at least one prompt.")
     editing = edit_tokens_hw is not None
+    block = ""
     if editing:
         block = image_block(tok, *edit_tokens_hw)
         rows = []
@@ -65,21 +67,42 @@ def build_rows(tok: NextStepTokenizer, captions: list[str], *, images_per_prompt
     cond = [c for c in captions for _ in range(images_per_prompt)]
     if positive:
         cond = [f"{c} {positive}" for c in cond]
+    cond = [c + cond_suffix for c in cond]
     neg = negative or ""
     mult = cfg_mult_for(cfg, cfg_img, editing)
-    texts = list(cond)
+    uncond = []
     if mult == 3:
-        texts += [block + neg] * len(cond) + [neg] * len(cond)
+        uncond = [block + neg] * len(cond) + [neg] * len(cond)
     elif mult == 2:
-        texts += [neg] * len(cond)
-    encoded = [tok.encode(t) for t in texts]
-    prefix = tok.encode(image_area(*out_tokens_hw)) + [tok.boi_id]
+        uncond = [neg] * len(cond)
+    return cond, uncond, mult
+
+
+def left_pad(tok: NextStepTokenizer, encoded: list[list[int]], suffix: list[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad id lists with [PAD] to one length and append `suffix` to every row."""
     width = max(len(e) for e in encoded)
-    ids = torch.full((len(texts), width + len(prefix)), tok.pad_id, dtype=torch.long)
+    ids = torch.full((len(encoded), width + len(suffix)), tok.pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for r, e in enumerate(encoded):
         if e:
             ids[r, width - len(e):width] = torch.tensor(e)
         mask[r, width - len(e):] = 1
-    ids[:, width:] = torch.tensor(prefix)
+    if suffix:
+        ids[:, width:] = torch.tensor(list(suffix))
+    return ids, mask
+
+
+def image_prefix(tok: NextStepTokenizer, out_tokens_hw: tuple[int, int]) -> list[int]:
+    """`<|image_area|>h*w` tokenized on its own, then boi: what opens every generated image."""
+    return tok.encode(image_area(*out_tokens_hw)) + [tok.boi_id]
+
+
+def build_rows(tok: NextStepTokenizer, captions: list[str], *, images_per_prompt: int, positive: str | None,
+               negative: str | None, cfg: float, cfg_img: float, out_tokens_hw: tuple[int, int],
+               edit_tokens_hw: tuple[int, int] | None = None, cond_suffix: str = "") -> PromptRows:
+    cond, uncond, mult = row_texts(tok, captions, images_per_prompt=images_per_prompt, positive=positive,
+                                   negative=negative, cfg=cfg, cfg_img=cfg_img, edit_tokens_hw=edit_tokens_hw,
+                                   cond_suffix=cond_suffix)
+    texts = cond + uncond
+    ids, mask = left_pad(tok, [tok.encode(t) for t in texts], image_prefix(tok, out_tokens_hw))
     return PromptRows(ids, mask, mult, len(cond), texts)

@@ -75,7 +75,7 @@ def seed_input(default: int):
 def resolve_sampler(sampler: str, backbone) -> str:
     if sampler != "auto":
         return sampler
-    return PRESETS.get(backbone.variant or "", PRESETS["nextstep1-large"])["sampler"]
+    return PRESETS.get(getattr(backbone, "variant", None) or "", PRESETS["nextstep1-large"])["sampler"]
 
 
 def sampling(backbone, *, cfg: float, cfg_img: float, cfg_schedule: str, steps: int, timesteps_shift: float,

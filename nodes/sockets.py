@@ -16,6 +16,11 @@ FLOW_HEAD = "NEXTSTEP_FLOW_HEAD"
 VAE = "NEXTSTEP_VAE"
 
 
+def label(kind: str) -> str:
+    """NEXTSTEP_FLOW_HEAD -> "flow head", for messages."""
+    return kind.split("_", 1)[1].lower().replace("_", " ")
+
+
 @dataclass(eq=False)
 class LoadedPart:
     kind: str                  # BACKBONE, FLOW_HEAD or VAE
@@ -28,4 +33,4 @@ class LoadedPart:
     variant: Optional[str] = None    # backbone: which released model (presets.PRESETS key)
 
     def __repr__(self) -> str:  # what ComfyUI prints when a value shows up in an error
-        return f"<NextStep {self.kind.split('_', 1)[1].lower()} {self.name!r} on {self.load_device}>"
+        return f"<NextStep {label(self.kind)} {self.name!r} on {self.load_device}>"

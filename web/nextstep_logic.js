@@ -13,7 +13,7 @@ export const BUCKETS = Object.freeze([
 ].map((hw) => Object.freeze(hw)));
 
 /** Base sizes offered next to the aspect presets; NextStep-1 recommends 512 (1024 tokens). */
-export const BASE_SIZES = Object.freeze([256, 384, 512, 768, 1024]);
+export const BASE_SIZES = Object.freeze([256, 512, 768, 1024]);
 export const DEFAULT_BASE = 512;
 export const CUSTOM = "custom";
 
@@ -119,7 +119,8 @@ export function newTracker() {
 }
 
 /** Add one progress message (value of max, at time t in ms). A smaller value or a different max
- *  starts a new pass (a new image, panel or run) with its own rate. Samples older than
+ *  starts a new pass (a new image, panel or run) with its own rate; a repeated value is ignored.
+ *  Samples older than
  *  `windowMs` before t are dropped, but the newest of them is kept so the window spans it. */
 export function trackProgress(tr, value, max, t, windowMs = 5000) {
   const restart = tr.lastT === null || max !== tr.max || value < tr.value;
@@ -129,6 +130,7 @@ export function trackProgress(tr, value, max, t, windowMs = 5000) {
       resets: tr.lastT === null ? tr.resets : tr.resets + 1,
     };
   }
+  if (value === tr.value) return tr; // the same step again (e.g. "progress" and "progress_state")
   let samples = [...tr.samples, { t, value }];
   const cut = samples.findIndex((s) => s.t >= t - windowMs);
   if (cut > 1) samples = samples.slice(cut - 1);

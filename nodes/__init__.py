@@ -1,0 +1,23 @@
+"""ComfyUI nodes for NextStep: the V1 class declarations and their registry.
+
+Node ids are stable (saved workflows refer to them); display names are for people.
+"""
+from .edit import NextStepEdit
+from .generate import NextStepTextToImage
+from .loaders import NextStepBackboneLoader, NextStepFlowHeadLoader, NextStepVAELoader
+
+NODE_CLASS_MAPPINGS = {
+    "NextStepBackboneLoader": NextStepBackboneLoader,
+    "NextStepFlowHeadLoader": NextStepFlowHeadLoader,
+    "NextStepVAELoader": NextStepVAELoader,
+    "NextStepTextToImage": NextStepTextToImage,
+    "NextStepEdit": NextStepEdit,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "NextStepBackboneLoader": "NextStep Backbone Loader",
+    "NextStepFlowHeadLoader": "NextStep Flow Head Loader",
+    "NextStepVAELoader": "NextStep VAE Loader",
+    "NextStepTextToImage": "NextStep Text to Image",
+    "NextStepEdit": "NextStep Edit",
+}

@@ -1,0 +1,82 @@
+"""NextStep Edit: one edited image per input image, following a written instruction."""
+from __future__ import annotations
+
+from . import runner, settings
+from ..nextstep_core.errors import InputImageError, SettingsError
+from ..nextstep_core.images import FIT_MODES, fit_image, from_hwc_float
+from ..nextstep_core.pipeline import Request
+from ..nextstep_core.presets import PRESETS
+
+CARD = PRESETS["nextstep1-large-edit"]  # the NextStep-1-Large-Edit example's settings
+
+
+def fitted_images(image, fit: str, size: int) -> list:
+    """IMAGE batch [B, H, W, C] -> RGB PIL images at a size the model accepts. Fitted here, once,
+    so the node knows the output size (for the progress preview) before sampling starts."""
+    if not hasattr(image, "shape") or image.ndim != 4 or image.shape[0] == 0:
+        raise InputImageError(f"The image input must be an IMAGE batch [B, H, W, C]; got "
+                              f"{tuple(getattr(image, 'shape', ()))}. Connect a Load Image node.")
+    return [fit_image(from_hwc_float(image[i]), fit, int(size)) for i in range(image.shape[0])]
+
+
+class NextStepEdit:
+    DESCRIPTION = ("Edits images by instruction with NextStep-1-Large-Edit: every image of the input batch is "
+                   "resized to a size the model accepts (see fit) and edited once, with the same instruction. "
+                   "Defaults are the official edit example's settings.")
+    CATEGORY = settings.CATEGORY
+    FUNCTION = "edit"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("images",)
+    OUTPUT_TOOLTIPS = ("The edited images, one per input image, at the fitted size.",)
+    SEARCH_ALIASES = ["nextstep edit", "image edit", "instruct edit"]
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                **settings.model_inputs(),
+                "image": ("IMAGE", {"tooltip": "The image(s) to edit. A batch gives one edit per image."}),
+                "instruction": settings.prompt_input("What to change, e.g. 'Add a red hat to the cat.'"),
+                "positive_prompt": settings.prompt_input(
+                    "Added after the instruction on the guided row. Empty in the official example.",
+                    CARD["positive"], multiline=False),
+                "negative_prompt": settings.prompt_input(
+                    "What guidance steers away from. The official edit example uses 'Copy original image.' so the "
+                    "model does change something.", CARD["negative"], multiline=False),
+                "fit": (list(FIT_MODES), {"default": "bucket", "tooltip": (
+                    "How the input becomes a valid size (sides multiples of 16). bucket: the nearest trained aspect "
+                    "ratio at `size`, scaled to cover and centre-cropped (what the official edit demo does). "
+                    "center-crop: a size x size square. resize: keep the aspect, about size x size pixels, no crop. "
+                    "none: use the image as it is (its sides must already be multiples of 16).")}),
+                "size": settings.size_input(512, (
+                    "Base size for fit: the output has about size x size pixels (512 matches training). Ignored "
+                    "when fit is none.")),
+                "cfg": settings.cfg_input(CARD["cfg"], (
+                    "Text guidance: how strongly the edit follows the instruction. 1 turns guidance off.")),
+                "cfg_img": settings.cfg_input(CARD["cfg_img"], (
+                    "Image guidance: how closely the result keeps the input image. 1 turns it off; the example "
+                    "uses 2.0.")),
+                **settings.sampling_inputs(CARD["steps"], CARD["shift"], CARD["use_norm"]),
+                "seed": settings.seed_input(CARD["seed"]),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, size):
+        return settings.size_problem("size", size) or True
+
+    def edit(self, backbone, flow_head, vae, image, instruction, positive_prompt, negative_prompt, fit, size, cfg,
+             cfg_img, steps, timesteps_shift, use_norm, sampler, cfg_schedule, seed, unique_id=None):
+        problem = settings.size_problem("size", size)
+        if problem:
+            raise SettingsError(problem)
+        images = fitted_images(image, fit, size)
+        width, height = images[0].size
+        request = Request(
+            prompts=[instruction], width=None, height=None, positive=positive_prompt, negative=negative_prompt,
+            seed=int(seed), edit_images=images, fit="none", fit_base=int(size),
+            sampling=settings.sampling(backbone, cfg=cfg, cfg_img=cfg_img, cfg_schedule=cfg_schedule, steps=steps,
+                                       timesteps_shift=timesteps_shift, use_norm=use_norm, sampler=sampler))
+        result = runner.run(backbone, flow_head, vae, request, width=width, height=height, node_id=unique_id)
+        return (result.images,)

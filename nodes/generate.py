@@ -1,0 +1,97 @@
+"""NextStep Text to Image."""
+from __future__ import annotations
+
+import dataclasses
+
+from . import runner, settings
+from ..nextstep_core.errors import SettingsError
+from ..nextstep_core.pipeline import Request
+from ..nextstep_core.presets import PRESETS
+
+CARD = PRESETS["nextstep1-large"]  # the NextStep-1-Large model card's recommended settings
+
+
+def self_cot_request(request: Request, self_cot: bool, reasoning) -> Request:
+    """Self-CoT (the model reasons in text before drawing) needs engine support; until the engine
+    has it, asking for it is an error rather than a silently ordinary image."""
+    wanted = bool(self_cot) or bool((reasoning or "").strip())
+    if not wanted:
+        return request
+    fields = {f.name for f in dataclasses.fields(Request)}
+    if "self_cot" not in fields:
+        raise SettingsError("Self-CoT is not implemented in this version of ComfyUI-NextStep: turn self_cot off "
+                            "(and leave the reasoning input unconnected) to generate without it.")
+    changes = {"self_cot": bool(self_cot)}
+    if reasoning and "reasoning" in fields:
+        changes["reasoning"] = reasoning
+    return dataclasses.replace(request, **changes)
+
+
+class NextStepTextToImage:
+    DESCRIPTION = ("Draws images from a text prompt with a NextStep model, one 16x16 patch at a time, showing the "
+                   "picture as it fills in. Defaults are the NextStep-1-Large model card's settings. Outputs the "
+                   "images and, with Self-CoT on, the model's reasoning text.")
+    CATEGORY = settings.CATEGORY
+    FUNCTION = "generate"
+    RETURN_TYPES = ("IMAGE", "STRING")
+    RETURN_NAMES = ("images", "reasoning")
+    OUTPUT_TOOLTIPS = ("The generated images (batch_size of them).",
+                       "What the model reasoned before drawing (Self-CoT); empty when self_cot is off.")
+    SEARCH_ALIASES = ["nextstep", "text to image", "t2i", "autoregressive"]
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                **settings.model_inputs(),
+                "prompt": settings.prompt_input("What to draw. Descriptive English captions work best."),
+                "positive_prompt": settings.prompt_input(
+                    "Added after the prompt on the guided row (the model card's quality tags). Leave empty for "
+                    "NextStep-1.1.", CARD["positive"], multiline=False),
+                "negative_prompt": settings.prompt_input(
+                    "What guidance steers away from (the unconditional row).", CARD["negative"], multiline=False),
+                "width": settings.size_input(CARD["width"], (
+                    "Image width in pixels, a multiple of 16. The models were trained on these sizes (width x "
+                    f"height): {settings.bucket_list()}.")),
+                "height": settings.size_input(CARD["height"], "Image height in pixels, a multiple of 16; see width "
+                                              "for the trained sizes."),
+                "cfg": settings.cfg_input(CARD["cfg"], (
+                    "Classifier-free guidance scale: how strongly the image follows the prompt. 1 turns guidance "
+                    "off (and halves the work); the model cards use 7.5.")),
+                **settings.sampling_inputs(CARD["steps"], CARD["shift"], CARD["use_norm"]),
+                "self_cot": ("BOOLEAN", {"default": False, "tooltip": (
+                    "Self-CoT: let the model reason about the prompt in text before drawing (NextStep-1.1). "
+                    "The reasoning comes out of the reasoning output.")}),
+                "seed": settings.seed_input(CARD["seed"]),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": (
+                    "Images made together from the prompt, each with its own noise. Memory grows with it.")}),
+            },
+            "optional": {
+                "reasoning": ("STRING", {"forceInput": True, "tooltip": (
+                    "Self-CoT reasoning to use instead of letting the model write its own.")}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, width, height):
+        problems = [p for p in (settings.size_problem("width", width), settings.size_problem("height", height)) if p]
+        return " ".join(problems) if problems else True
+
+    def generate(self, backbone, flow_head, vae, prompt, positive_prompt, negative_prompt, width, height, cfg, steps,
+                 timesteps_shift, use_norm, sampler, cfg_schedule, self_cot, seed, batch_size, reasoning=None,
+                 unique_id=None):
+        for name, value in (("width", width), ("height", height)):
+            problem = settings.size_problem(name, value)
+            if problem:
+                raise SettingsError(problem)
+        request = Request(
+            prompts=[prompt], width=int(width), height=int(height), positive=positive_prompt,
+            negative=negative_prompt, images_per_prompt=int(batch_size), seed=int(seed),
+            sampling=settings.sampling(backbone, cfg=cfg, cfg_img=1.0, cfg_schedule=cfg_schedule, steps=steps,
+                                       timesteps_shift=timesteps_shift, use_norm=use_norm, sampler=sampler))
+        request = self_cot_request(request, self_cot, reasoning)
+        result = runner.run(backbone, flow_head, vae, request, width=int(width), height=int(height),
+                            node_id=unique_id)
+        text = getattr(result, "reasoning", "") or ""
+        return {"ui": {"reasoning": [text]}, "result": (result.images, text)}

@@ -1,0 +1,60 @@
+"""Running one engine request from a node: check the three parts belong together, let ComfyUI
+make room and move them to the GPU, then sample with progress, Cancel and previews."""
+from __future__ import annotations
+
+from . import bridge
+from .progress import TokenProgress
+from .sockets import BACKBONE, FLOW_HEAD, VAE, LoadedPart, label
+from ..nextstep_core.checkpoint import check_compatible
+from ..nextstep_core.errors import SettingsError
+from ..nextstep_core.pipeline import NextStepPipeline, Request, Result
+from ..nextstep_core.prompts import cfg_mult_for
+
+PROMPT_TOKENS = 512  # a generous prompt length for the memory estimate
+
+
+def _check_parts(backbone, flow_head, vae) -> None:
+    for value, kind, node in ((backbone, BACKBONE, "NextStep Backbone Loader"),
+                              (flow_head, FLOW_HEAD, "NextStep Flow Head Loader"),
+                              (vae, VAE, "NextStep VAE Loader")):
+        if not isinstance(value, LoadedPart) or value.kind != kind:
+            raise SettingsError(f"The {label(kind)} input got {value!r}; "
+                                f"connect a {node}.")
+    check_compatible(backbone.module, flow_head.module, vae.module)
+    devices = {p.kind: p.load_device for p in (backbone, flow_head, vae)}
+    if len({(d.type, d.index) for d in devices.values()}) > 1:
+        listed = ", ".join(f"{label(k)} on {d}" for k, d in devices.items())
+        raise SettingsError(f"The three NextStep parts are set to different devices ({listed}): set the same "
+                            "device on all three loaders.")
+
+
+def memory_required(backbone: LoadedPart, vae: LoadedPart, rows: int, out_tokens: int, in_tokens: int = 0) -> int:
+    """Bytes a run needs beside the weights: the KV cache of every CFG row, one layer's prefill
+    activations, and the VAE's full-resolution feature maps (ComfyUI adds its own reserve)."""
+    c = backbone.module.cfg
+    width = backbone.module.dtype.itemsize
+    prompt = PROMPT_TOKENS + in_tokens
+    kv = 2 * c.num_layers * rows * c.num_kv_heads * c.head_dim * (prompt + out_tokens) * width
+    prefill = rows * prompt * (4 * c.hidden_size + 3 * c.intermediate_size) * width
+    pixels = max(out_tokens, in_tokens) * 256
+    decode = 4 * pixels * vae.module.cfg.ch * vae.module.dtype.itemsize
+    return int(kv + prefill + decode)
+
+
+def run(backbone: LoadedPart, flow_head: LoadedPart, vae: LoadedPart, request: Request, *, width: int,
+        height: int, node_id=None) -> Result:
+    """`width`/`height`: the output size, known before the run (edits: the fitted input size,
+    which is also the size of the image tokens in the prompt)."""
+    _check_parts(backbone, flow_head, vae)
+    bb = backbone.module
+    p = bb.cfg.latent_patch_size * vae.module.cfg.down_factor
+    grid = (height // p, width // p)
+    s = request.sampling
+    batch = len(request.edit_images or request.prompts) * request.images_per_prompt
+    editing = request.edit_images is not None
+    rows = batch * cfg_mult_for(s.cfg, s.cfg_img, editing)
+    tokens = grid[0] * grid[1]
+    bridge.load_to_device([backbone.patcher, flow_head.patcher, vae.patcher],
+                          memory_required(backbone, vae, rows, tokens, tokens if editing else 0))
+    pipeline = NextStepPipeline(bb, backbone.tokenizer, flow_head.module, vae.module)
+    return pipeline.run(request, callback=TokenProgress(vae.module, bb, grid, node_id))

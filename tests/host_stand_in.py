@@ -1,0 +1,193 @@
+"""A stand-in for the few ComfyUI modules the pack calls (folder_paths, comfy.model_management,
+comfy.model_patcher, comfy.utils, comfy.cli_args), written from their documented behaviour.
+
+Installed into sys.modules for a test, it lets the nodes run their real ComfyUI code paths
+(folder registration, ModelPatcher wrapping, load_models_gpu, progress, previews, Cancel)
+without a ComfyUI checkout, and records what the pack asked of the host.
+Also loads the pack the way ComfyUI does: as a package named after its folder.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+OFFICIAL_FIXTURE = Path(__file__).resolve().parents[2] / "shared/fixtures/nextstep-tiny-official-layout"
+PACK_NAME = "comfyui_nextstep_under_test"
+PT_EXTENSIONS = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
+
+
+def load_pack():
+    if PACK_NAME in sys.modules:
+        return sys.modules[PACK_NAME]
+    spec = importlib.util.spec_from_file_location(PACK_NAME, ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACK_NAME] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class Interrupted(BaseException):
+    """Like ComfyUI's InterruptProcessingException (a BaseException since 0.3.6x)."""
+
+
+class Host:
+    def __init__(self, models_dir: Path):
+        self.models_dir = Path(models_dir)
+        self.load_calls = []      # (patchers, memory_required, force_full_load)
+        self.progress = []        # (value, total, preview, node_id)
+        self.on_progress = None   # called with (value, total) after each progress update
+        self.interrupted = False
+        self.modules = self._build()
+
+    def _build(self) -> dict:
+        host = self
+        fp = types.ModuleType("folder_paths")
+        fp.models_dir = str(self.models_dir)
+        fp.supported_pt_extensions = set(PT_EXTENSIONS)
+        fp.folder_names_and_paths = {"vae": ([str(self.models_dir / "vae")], set(PT_EXTENSIONS))}
+
+        def add_model_folder_path(name, path, is_default=False):
+            if name in fp.folder_names_and_paths:
+                paths = fp.folder_names_and_paths[name][0]
+                if path in paths:
+                    if is_default and paths[0] != path:
+                        paths.remove(path)
+                        paths.insert(0, path)
+                elif is_default:
+                    paths.insert(0, path)
+                else:
+                    paths.append(path)
+            else:
+                fp.folder_names_and_paths[name] = ([path], set())
+
+        def get_folder_paths(name):
+            return list(fp.folder_names_and_paths[name][0])
+
+        def get_filename_list(name):
+            paths, exts = fp.folder_names_and_paths[name]
+            out = []
+            for base in paths:
+                for dirpath, _dirs, files in os.walk(base):
+                    for f in files:
+                        if not exts or os.path.splitext(f)[1].lower() in exts:
+                            out.append(os.path.relpath(os.path.join(dirpath, f), base).replace(os.sep, "/"))
+            return sorted(set(out))
+
+        def get_full_path(name, filename):
+            for base in fp.folder_names_and_paths[name][0]:
+                path = os.path.join(base, filename)
+                if os.path.isfile(path):
+                    return path
+            return None
+
+        fp.add_model_folder_path, fp.get_folder_paths = add_model_folder_path, get_folder_paths
+        fp.get_filename_list, fp.get_full_path = get_filename_list, get_full_path
+
+        mm = types.ModuleType("comfy.model_management")
+        mm.InterruptProcessingException = Interrupted
+        mm.get_torch_device = lambda: torch.device("cpu")
+        mm.unet_offload_device = lambda: torch.device("cpu")
+
+        def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
+                            force_full_load=False):
+            host.load_calls.append((list(models), memory_required, force_full_load))
+            for p in models:
+                p.model.to(p.load_device)
+                p.model.device = p.load_device
+
+        def throw_exception_if_processing_interrupted():
+            if host.interrupted:
+                host.interrupted = False
+                raise Interrupted()
+
+        mm.load_models_gpu = load_models_gpu
+        mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+        mm.processing_interrupted = lambda: host.interrupted
+
+        patcher = types.ModuleType("comfy.model_patcher")
+
+        class ModelPatcher:
+            def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
+                self.model, self.load_device, self.offload_device, self.size = model, load_device, offload_device, size
+                if getattr(self.model, "device", None) is None:
+                    self.model.device = offload_device
+                for attr, value in (("model_loaded_weight_memory", 0), ("lowvram_patch_counter", 0),
+                                    ("model_lowvram", False), ("current_weight_patches_uuid", None)):
+                    if not hasattr(self.model, attr):
+                        setattr(self.model, attr, value)
+
+        patcher.ModelPatcher = ModelPatcher
+
+        utils = types.ModuleType("comfy.utils")
+
+        class ProgressBar:
+            def __init__(self, total, node_id=None):
+                self.total, self.node_id, self.current = total, node_id, 0
+
+            def update_absolute(self, value, total=None, preview=None):
+                if total is not None:
+                    self.total = total
+                self.current = min(value, self.total)
+                host.progress.append((self.current, self.total, preview, self.node_id))
+                if host.on_progress is not None:
+                    host.on_progress(self.current, self.total)
+
+        utils.ProgressBar = ProgressBar
+
+        cli_args = types.ModuleType("comfy.cli_args")
+        cli_args.args = types.SimpleNamespace(preview_size=512)
+
+        comfy = types.ModuleType("comfy")
+        comfy.__path__ = []
+        comfy.model_management, comfy.model_patcher, comfy.utils, comfy.cli_args = mm, patcher, utils, cli_args
+        return {"folder_paths": fp, "comfy": comfy, "comfy.model_management": mm, "comfy.model_patcher": patcher,
+                "comfy.utils": utils, "comfy.cli_args": cli_args}
+
+    def install(self, monkeypatch) -> "Host":
+        for name, module in self.modules.items():
+            monkeypatch.setitem(sys.modules, name, module)
+        return self
+
+    @property
+    def folder_paths(self):
+        return self.modules["folder_paths"]
+
+    def previews(self):
+        return [p for _v, _t, p, _n in self.progress if p is not None]
+
+
+@pytest.fixture(scope="session")
+def pack():
+    return load_pack()
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory, pack):
+    """models/ with nextstep/NextStep-1-Large and nextstep/NextStep-1-Large-Edit (tiny, random) and a
+    single-file VAE in vae/, named as the example workflows name them."""
+    from safetensors.torch import save_file
+    write_tiny = importlib.import_module(f"{PACK_NAME}.nextstep_core.tiny").write_tiny
+    base = tmp_path_factory.mktemp("comfy") / "models"
+    write_tiny(str(base / "nextstep" / "NextStep-1-Large"))
+    write_tiny(str(base / "nextstep" / "NextStep-1-Large-Edit"), edit=True, seed=1)
+    (base / "vae").mkdir(parents=True)
+    vae = torch.load(base / "nextstep" / "NextStep-1-Large" / "vae" / "checkpoint.pt", weights_only=True)
+    cfg = (base / "nextstep" / "NextStep-1-Large" / "vae" / "config.json").read_text()
+    save_file({k: v.contiguous() for k, v in vae.items()}, str(base / "vae" / "nextstep_vae.safetensors"),
+              metadata={"nextstep_vae_config": cfg})
+    return base
+
+
+@pytest.fixture
+def host(monkeypatch, models_dir, pack):
+    h = Host(models_dir).install(monkeypatch)
+    pack.nodes.bridge.register_model_folder()
+    return h
