@@ -19,7 +19,7 @@ from .samplers import SAMPLERS
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="NextStep model folder (or a Hugging Face repo id to download)")
     p.add_argument("--vae", help="VAE folder or file (default: the model folder's vae/)")
-    p.add_argument("--prompt", action="append", required=True, help="prompt; repeat for a batch of prompts")
+    p.add_argument("--prompt", action="append", default=[], help="prompt; repeat for a batch of prompts")
     p.add_argument("--positive", help="text appended to conditional prompts (default: the model card's)")
     p.add_argument("--negative", help="negative prompt (default: the model card's)")
     p.add_argument("--width", type=int)
@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fit", default="bucket", choices=["bucket", "center-crop", "resize", "none"],
                    help="how the input is brought to a multiple of 16 (bucket: nearest official aspect bucket)")
     e.add_argument("--fit-size", type=int, default=512, help="base size for --fit")
+    b = sub.add_parser("storyboard", help="panels that continue one story (each sees the panels before it)")
+    _common(b)
+    b.add_argument("--panel", action="append", default=[], help="a panel prompt; repeat, in story order")
+    b.add_argument("--style", default="", help="character/style text put before every panel prompt")
     t = sub.add_parser("tiny", help="write a tiny random checkpoint in the official layout (tests, smoke runs)")
     t.add_argument("out")
     t.add_argument("--edit", action="store_true", help="use the Edit repo's VAE config dialect")
@@ -131,6 +135,10 @@ def run_generation(args) -> int:
     pipe = NextStepPipeline(backbone, tok, load_flow_head(model, device, dtype), load_vae(args.vae or model, device, dtype))
     load_s = time.perf_counter() - t0
     editing = args.command == "edit"
+    if args.command == "storyboard":
+        args.prompt = args.prompt or []
+    elif not args.prompt:
+        raise NextStepError("No prompt given: add --prompt TEXT.")
     settings = SamplingSettings(
         cfg=pick(args.cfg, "cfg"), cfg_img=pick(getattr(args, "cfg_img", None), "cfg_img") if editing else 1.0,
         cfg_schedule=pick(args.cfg_schedule, "cfg_schedule"), steps=pick(args.steps, "steps"),
@@ -159,6 +167,8 @@ def run_generation(args) -> int:
             print(f"\rtoken {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
     t1 = time.perf_counter()
+    if args.command == "storyboard":
+        return _storyboard(args, pipe, req, settings, variant, t1)
     result = pipe.run(req, progress)
     gen_s = time.perf_counter() - t1
     paths = output_paths(args.out, result.images.shape[0])
@@ -180,6 +190,25 @@ def run_generation(args) -> int:
               f"cfg {settings.cfg}, {settings.steps} steps, sampler {settings.sampler}; load {load_s:.1f}s, "
               f"generate {gen_s:.1f}s ({gen_s / n * 1000:.1f} ms/token) -> {', '.join(paths)}", file=sys.stderr)
     del torch
+    return 0
+
+
+def _storyboard(args, pipe, req, settings, variant, t1) -> int:
+    import torch
+    from .story import Storyboard
+    panels = Storyboard(pipe).run(args.panel + args.prompt, width=req.width, height=req.height, seed=req.seed,
+                                  sampling=settings, negative=req.negative, positive=req.positive, style=args.style)
+    images = torch.cat([p.image for p in panels])
+    paths = output_paths(args.out, images.shape[0])
+    for img, path in zip(images, paths):
+        _save_png(img, path)
+    if args.tokens_out:
+        from safetensors.torch import save_file
+        save_file({"tokens": torch.cat([p.tokens for p in panels]).float().contiguous(),
+                   "images": images.float().contiguous()}, args.tokens_out)
+    if not args.quiet:
+        print(f"{variant}: {len(panels)} panels, story of {panels[-1].context.length} tokens in "
+              f"{time.perf_counter() - t1:.1f}s -> {', '.join(paths)}", file=sys.stderr)
     return 0
 
 

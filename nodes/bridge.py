@@ -106,6 +106,13 @@ def manage(part: torch.nn.Module, load_device: torch.device, offload_device: tor
                                     offload_device=offload_device)
 
 
+def resized(patcher) -> None:
+    """A part grew after loading (the LM head Self-CoT reads on first use): let ComfyUI recount
+    its size instead of keeping the one it measured first."""
+    if patcher is not None and hasattr(patcher, "size"):
+        patcher.size = 0
+
+
 def load_to_device(patchers: list, memory_required: int) -> None:
     """Ask ComfyUI to make room (offloading other models) and move our parts onto their device.
     Whole parts: the engine's layers are plain torch modules, which ComfyUI cannot stream."""

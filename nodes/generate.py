@@ -1,30 +1,28 @@
 """NextStep Text to Image."""
 from __future__ import annotations
 
-import dataclasses
-
-from . import runner, settings
+from . import bridge, runner, settings
+from ..nextstep_core.checkpoint import attach_lm_head
 from ..nextstep_core.errors import SettingsError
 from ..nextstep_core.pipeline import Request
 from ..nextstep_core.presets import PRESETS
+from ..nextstep_core.reasoning import ReasoningSettings
 
 CARD = PRESETS["nextstep1-large"]  # the NextStep-1-Large model card's recommended settings
 
 
-def self_cot_request(request: Request, self_cot: bool, reasoning) -> Request:
-    """Self-CoT (the model reasons in text before drawing) needs engine support; until the engine
-    has it, asking for it is an error rather than a silently ordinary image."""
-    wanted = bool(self_cot) or bool((reasoning or "").strip())
-    if not wanted:
-        return request
-    fields = {f.name for f in dataclasses.fields(Request)}
-    if "self_cot" not in fields:
-        raise SettingsError("Self-CoT is not implemented in this version of ComfyUI-NextStep: turn self_cot off "
-                            "(and leave the reasoning input unconnected) to generate without it.")
-    changes = {"self_cot": bool(self_cot)}
-    if reasoning and "reasoning" in fields:
-        changes["reasoning"] = reasoning
-    return dataclasses.replace(request, **changes)
+def reasoning_settings(self_cot: bool, reasoning) -> ReasoningSettings:
+    """A connected reasoning text is used as it is (reproducible, no text generation);
+    otherwise self_cot lets the model write its own."""
+    if isinstance(reasoning, str) and reasoning.strip():
+        return ReasoningSettings(mode="think", text=reasoning)
+    return ReasoningSettings(mode="think" if self_cot else "off")
+
+
+def reasoning_text(texts: list) -> str:
+    """One text per image of the batch; identical ones (greedy decoding) are shown once."""
+    unique = [t for i, t in enumerate(texts) if t and t not in texts[:i]]
+    return "\n\n".join(unique)
 
 
 class NextStepTextToImage:
@@ -60,15 +58,17 @@ class NextStepTextToImage:
                     "off (and halves the work); the model cards use 7.5.")),
                 **settings.sampling_inputs(CARD["steps"], CARD["shift"], CARD["use_norm"]),
                 "self_cot": ("BOOLEAN", {"default": False, "tooltip": (
-                    "Self-CoT: let the model reason about the prompt in text before drawing (NextStep-1.1). "
-                    "The reasoning comes out of the reasoning output.")}),
+                    "Self-CoT: the model first writes its reasoning about the prompt (up to 256 tokens, greedy), "
+                    "then draws with it in context. The text comes out of the reasoning output. Needs the "
+                    "backbone's LM head (about 1.5 GB more at 14B, read on first use).")}),
                 "seed": settings.seed_input(CARD["seed"]),
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": (
                     "Images made together from the prompt, each with its own noise. Memory grows with it.")}),
             },
             "optional": {
                 "reasoning": ("STRING", {"forceInput": True, "tooltip": (
-                    "Self-CoT reasoning to use instead of letting the model write its own.")}),
+                    "Your own reasoning text: when connected and not empty it is used as the Self-CoT reasoning "
+                    "(the model writes none), whatever self_cot says.")}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -89,9 +89,12 @@ class NextStepTextToImage:
             prompts=[prompt], width=int(width), height=int(height), positive=positive_prompt,
             negative=negative_prompt, images_per_prompt=int(batch_size), seed=int(seed),
             sampling=settings.sampling(backbone, cfg=cfg, cfg_img=1.0, cfg_schedule=cfg_schedule, steps=steps,
-                                       timesteps_shift=timesteps_shift, use_norm=use_norm, sampler=sampler))
-        request = self_cot_request(request, self_cot, reasoning)
+                                       timesteps_shift=timesteps_shift, use_norm=use_norm, sampler=sampler),
+            reasoning=reasoning_settings(self_cot, reasoning))
+        if request.reasoning.mode != "off" and request.reasoning.text is None:
+            attach_lm_head(backbone.module)  # read now, so ComfyUI moves and counts it with the backbone
+            bridge.resized(backbone.patcher)
         result = runner.run(backbone, flow_head, vae, request, width=int(width), height=int(height),
                             node_id=unique_id)
-        text = getattr(result, "reasoning", "") or ""
+        text = reasoning_text(result.reasoning)
         return {"ui": {"reasoning": [text]}, "result": (result.images, text)}

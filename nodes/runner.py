@@ -30,13 +30,14 @@ def _check_parts(backbone, flow_head, vae) -> None:
 
 def memory_required(backbone: LoadedPart, vae: LoadedPart, rows: int, out_tokens: int, in_tokens: int = 0) -> int:
     """Bytes a run needs beside the weights: the KV cache of every CFG row, one layer's prefill
-    activations, and the VAE's full-resolution feature maps (ComfyUI adds its own reserve)."""
+    activations, and the VAE's full-resolution feature maps (ComfyUI adds its own reserve).
+    `in_tokens`: positions before the image beyond the prompt (edit image, reasoning)."""
     c = backbone.module.cfg
     width = backbone.module.dtype.itemsize
     prompt = PROMPT_TOKENS + in_tokens
     kv = 2 * c.num_layers * rows * c.num_kv_heads * c.head_dim * (prompt + out_tokens) * width
     prefill = rows * prompt * (4 * c.hidden_size + 3 * c.intermediate_size) * width
-    pixels = max(out_tokens, in_tokens) * 256
+    pixels = out_tokens * 256
     decode = 4 * pixels * vae.module.cfg.ch * vae.module.dtype.itemsize
     return int(kv + prefill + decode)
 
@@ -54,7 +55,10 @@ def run(backbone: LoadedPart, flow_head: LoadedPart, vae: LoadedPart, request: R
     editing = request.edit_images is not None
     rows = batch * cfg_mult_for(s.cfg, s.cfg_img, editing)
     tokens = grid[0] * grid[1]
+    think = request.reasoning
+    extra = tokens if editing else 0
+    extra += think.max_tokens if think.mode != "off" and think.text is None else 0
     bridge.load_to_device([backbone.patcher, flow_head.patcher, vae.patcher],
-                          memory_required(backbone, vae, rows, tokens, tokens if editing else 0))
+                          memory_required(backbone, vae, rows, tokens, extra))
     pipeline = NextStepPipeline(bb, backbone.tokenizer, flow_head.module, vae.module)
     return pipeline.run(request, callback=TokenProgress(vae.module, bb, grid, node_id))

@@ -98,3 +98,14 @@ def test_tiny_refuses_to_overwrite_a_non_empty_folder(tmp_path):
     proc = cli("tiny", tmp_path, ok=False)
     assert proc.returncode == 2 and "not empty" in proc.stderr
     assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_storyboard_and_self_cot_from_the_shell(tiny_model, tmp_path):
+    toks = tmp_path / "s.safetensors"
+    cli("storyboard", "--model", tiny_model, "--panel", "a knight", "--panel", "a dragon", "--width", 32, "--height",
+        32, "--seed", 2, "--out", tmp_path / "p.png", "--tokens-out", toks, *FAST)
+    assert load_file(toks)["tokens"].shape == (2, 4, 64)
+    assert (tmp_path / "p-0.png").exists() and (tmp_path / "p-1.png").exists()
+    proc = cli("generate", "--model", tiny_model, "--prompt", "a fox", "--self-cot", "--reasoning", "it is red",
+               "--width", 32, "--height", 32, "--out", tmp_path / "c.png", "--steps", "2")
+    assert "reasoning[0]: it is red" in proc.stderr

@@ -314,15 +314,21 @@ def test_parts_that_do_not_belong_together(pack, host, tmp_path):
         call(cls, **t2i_args(pack, (bb, head, moved)))
 
 
-def test_self_cot_is_not_faked(pack, host):
+def test_self_cot_toggle_and_supplied_reasoning(pack, host):
     cls = pack.NODE_CLASS_MAPPINGS["NextStepTextToImage"]
-    import dataclasses
-    if "self_cot" in {f.name for f in dataclasses.fields(pack.nextstep_core.pipeline.Request)}:
-        pytest.skip("the engine implements Self-CoT; its node test lives with that feature")
-    with pytest.raises(pack.nextstep_core.errors.SettingsError, match="Self-CoT is not implemented"):
-        call(cls, **t2i_args(pack, load_parts(pack), self_cot=True))
-    with pytest.raises(pack.nextstep_core.errors.SettingsError, match="Self-CoT is not implemented"):
-        call(cls, **t2i_args(pack, load_parts(pack), reasoning="Think of a cube."))
+    parts = load_parts(pack)
+    parts[0].patcher.size = 123  # as measured at load time, before the LM head existed
+    assert parts[0].module.lm_head is None
+    out = call(cls, **t2i_args(pack, parts, self_cot=True))
+    images, text = check_outputs(cls, out)
+    assert out["ui"] == {"reasoning": [text]} and images.shape == (1, 64, 64, 3)
+    assert parts[0].module.lm_head is not None and parts[0].patcher.size == 0
+    # a connected reasoning text is used as written, with or without the toggle
+    out = call(cls, **t2i_args(pack, parts, reasoning="The cube is red.", self_cot=False))
+    assert out["result"][1] == "The cube is red." and out["ui"]["reasoning"] == ["The cube is red."]
+    plain = call(cls, **t2i_args(pack, parts, reasoning="   "))
+    assert plain["result"][1] == ""
+    assert pack.nodes.generate.reasoning_text(["a", "a", "", "b"]) == "a\n\nb"
 
 
 def test_sampler_auto_follows_the_model(pack):

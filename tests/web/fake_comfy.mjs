@@ -229,11 +229,13 @@ export const SPECS = {
 };
 
 /** Run the extension's beforeRegisterNodeDef for `name` and create one node the way the frontend
- *  does: Python widgets first (constructor), then onNodeCreated, then onAdded. */
-export function makeNode(ext, app, name, spec = SPECS[name]) {
+ *  does: Python widgets first (constructor), then onNodeCreated, then onAdded. `patch(node)` runs
+ *  before onNodeCreated. */
+export function makeNode(ext, app, name, spec = SPECS[name], patch = null) {
   class NodeType extends FakeNode {}
   ext.beforeRegisterNodeDef(NodeType, { name });
   const node = new NodeType(spec, app);
+  patch?.(node);
   node.onNodeCreated?.();
   node.onAdded?.(app.graph);
   return node;
