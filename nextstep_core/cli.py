@@ -149,8 +149,9 @@ def run_generation(args) -> int:
                   height=args.height if args.height or not editing else None,
                   images_per_prompt=args.num_images, seed=pick(args.seed, "seed"), sampling=settings)
     if not editing:
-        from .reasoning import ReasoningSettings
         req.width, req.height = pick(args.width, "width"), pick(args.height, "height")
+    if args.command == "generate":
+        from .reasoning import ReasoningSettings
         mode = "think" if args.reasoning is not None and args.self_cot == "off" else args.self_cot
         req.reasoning = ReasoningSettings(mode=mode, max_tokens=args.think_tokens, temperature=args.temperature,
                                           top_p=args.top_p, text=args.reasoning)
