@@ -155,7 +155,7 @@ def run_generation(args) -> int:
         mode = "think" if args.reasoning is not None and args.self_cot == "off" else args.self_cot
         req.reasoning = ReasoningSettings(mode=mode, max_tokens=args.think_tokens, temperature=args.temperature,
                                           top_p=args.top_p, text=args.reasoning)
-    else:
+    elif editing:
         req.edit_images = [open_image(p) for p in args.image]
         req.fit, req.fit_base = args.fit, args.fit_size
         if (args.width is None) != (args.height is None):
