@@ -76,6 +76,27 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
+    def forward_at(self, x, cos, sin, cache: StaticKVCache, layer: int, pos: torch.Tensor, mask):
+        """One position given as a device tensor: static shapes and addresses, so the step can be
+        captured in a CUDA graph and replayed for every token without Python deciding anything."""
+        b = x.shape[0]
+        q = self.q_proj(x).view(b, 1, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, 1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, 1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        cache.keys[layer].index_copy_(2, pos, k)
+        cache.values[layer].index_copy_(2, pos, v)
+        keys, values = cache.keys[layer], cache.values[layer]
+        rep = self.num_heads // self.num_kv_heads
+        n = keys.shape[2]
+        if rep > 1:
+            keys = keys[:, :, None].expand(b, self.num_kv_heads, rep, n, self.head_dim).reshape(b, self.num_heads, n, self.head_dim)
+            values = values[:, :, None].expand(b, self.num_kv_heads, rep, n, self.head_dim).reshape(b, self.num_heads, n, self.head_dim)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, 1, -1))
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: BackboneConfig, ops=nn):
         super().__init__()
@@ -180,6 +201,26 @@ class Backbone(nn.Module):
         a token there (a row that already finished its reasoning gets a masked slot)."""
         cache.valid[:, cache.length:cache.length + embeds.shape[1]] = True if valid is None else valid[:, None]
         return self._run(embeds, cache, kv_len)
+
+    def step_at(self, embeds: torch.Tensor, cache: StaticKVCache, pos: torch.Tensor) -> torch.Tensor:
+        """`step` for one position held in a 1-element device tensor: attends the whole cache with a
+        mask computed on the device (bit-equal to `step(..., kv_len=None)`), and leaves
+        `cache.length` alone (the caller tracks it); nothing here reads back to the host."""
+        cache.valid.index_fill_(1, pos, True)
+        slots = torch.arange(cache.max_len, device=pos.device)
+        allowed = cache.valid & (slots <= pos)[None]
+        mask = torch.zeros(allowed.shape, dtype=cache.dtype, device=pos.device)
+        mask.masked_fill_(~allowed, torch.finfo(cache.dtype).min)
+        mask = mask[:, None, None]
+        rope = self.rope(cache.max_len)
+        cos = rope.cos.index_select(0, pos)[None, None]
+        sin = rope.sin.index_select(0, pos)[None, None]
+        x = embeds
+        for i, layer in enumerate(self.layers):
+            h = layer.input_layernorm(x)
+            x = x + layer.self_attn.forward_at(h, cos, sin, cache, i, pos, mask)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:

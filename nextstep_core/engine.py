@@ -34,6 +34,7 @@ class SamplingSettings:
     use_norm: bool = False
     sampler: str = "nextstep1"
     exact: bool = False  # bit-parity with the reference (full-cache attention, per-step adaLN GEMMs)
+    cuda_graphs: str = "auto"  # auto: capture the per-token step on CUDA, eager elsewhere; on; off
 
 
 class TokenLoop:
@@ -45,51 +46,70 @@ class TokenLoop:
     def _kv(self, cache: StaticKVCache, extra: int) -> Optional[int]:
         return None if self.s.exact else cache.length + extra
 
+    def schedule(self, rows: int, n_tokens: int, device):
+        """Everything the loop needs that does not depend on the tokens, made once per image."""
+        s = self.s
+        t = time_grid(s.sampler, s.steps, s.shift).to(device)
+        self.t, self.t_eval = t, t[: s.steps]
+        self.dts = t[1:] - t[:-1] if t.shape[0] > s.steps else None
+        self.t_emb = self.head.time_embeddings(self.t_eval, rows)
+        self.scales = cfg_values(s.cfg_schedule, s.cfg, s.cfg_img, n_tokens).to(torch.float32).to(device)
+
+    def sample_token(self, hidden: torch.Tensor, z: torch.Tensor, scale: torch.Tensor, cfg_mult: int) -> torch.Tensor:
+        """One image token from the state before it: the head's N steps with CFG, then use_norm.
+        hidden [rows, H]; z [draws, rows / cfg_mult, D] noise; scale [2] (cfg, cfg_img).
+        Returns the token in the backbone dtype."""
+        s, head, bb = self.s, self.head, self.bb
+        c = bb.image_out_projector(hidden).to(head.dtype)
+        mods = head.prepare(c, self.t_emb, per_step=s.exact)
+        cfg_k, img_k = scale[0], scale[1]
+
+        def v(x, i):
+            out = head.velocity(x.repeat(cfg_mult, 1).to(head.dtype), mods, i).to(torch.float32)
+            return combine_cfg(out, cfg_mult, cfg_k, img_k)
+
+        t, t_eval, dts = self.t, self.t_eval, self.dts
+        x = z[0]
+        if s.sampler == "nextstep1":
+            for i in range(s.steps - 1):
+                x = sde_step(x, v(x, i), t_eval[i], t_eval[i + 1] - t_eval[i], z[i + 1])
+            x = x + v(x, s.steps - 1) * LAST_STEP
+        elif s.sampler == "nextstep1.1":
+            for i in range(s.steps):
+                x = sde_step(x, v(x, i), t[i], dts[i], z[i + 1])
+        else:  # ode
+            for i in range(s.steps):
+                x = x + v(x, i) * dts[i]
+        tok = x.to(bb.dtype)
+        if s.use_norm:
+            tok = F.layer_norm(tok, tok.shape[-1:], None, None, 1e-6)
+        return tok
+
     def run(self, hidden: torch.Tensor, cache: StaticKVCache, cfg_mult: int, n_tokens: int, noise: TokenNoise,
             callback: Optional[TokenCallback] = None) -> torch.Tensor:
         """hidden: [rows, hidden] final-norm state at the last prompt position (boi).
         Returns [rows / cfg_mult, n_tokens, token_dim] in float32; the cache ends up holding every
         image token but the last (its backbone step would be wasted)."""
-        s, bb, head = self.s, self.bb, self.head
+        from .graphs import graphed_loop
+        bb = self.bb
         rows = hidden.shape[0]
-        batch = rows // cfg_mult
-        dev = hidden.device
-        t = time_grid(s.sampler, s.steps, s.shift).to(dev)
-        t_eval = t[: s.steps]
-        t_emb = head.time_embeddings(t_eval, rows)
-        scales = cfg_values(s.cfg_schedule, s.cfg, s.cfg_img, n_tokens).to(torch.float32).to(dev)
-        dts = t[1:] - t[:-1] if t.shape[0] > s.steps else None
-        tokens = torch.empty(batch, n_tokens, bb.cfg.token_dim, dtype=torch.float32, device=dev)
+        self.schedule(rows, n_tokens, hidden.device)
+        tokens = torch.empty(rows // cfg_mult, n_tokens, bb.cfg.token_dim, dtype=torch.float32, device=hidden.device)
+        fast = graphed_loop(self, hidden, cache, cfg_mult, n_tokens)
         for k in range(n_tokens):
-            c = bb.image_out_projector(hidden).to(head.dtype)
-            mods = head.prepare(c, t_emb, per_step=s.exact)
-            z = noise.for_token(k)
-            cfg_k, img_k = scales[k, 0], scales[k, 1]
-
-            def v(x, i):
-                out = head.velocity(x.repeat(cfg_mult, 1).to(head.dtype), mods, i).to(torch.float32)
-                return combine_cfg(out, cfg_mult, cfg_k, img_k)
-
-            x = z[0]
-            if s.sampler == "nextstep1":
-                for i in range(s.steps - 1):
-                    x = sde_step(x, v(x, i), t_eval[i], t_eval[i + 1] - t_eval[i], z[i + 1])
-                x = x + v(x, s.steps - 1) * LAST_STEP
-            elif s.sampler == "nextstep1.1":
-                for i in range(s.steps):
-                    x = sde_step(x, v(x, i), t[i], dts[i], z[i + 1])
-            else:  # ode
-                for i in range(s.steps):
-                    x = x + v(x, i) * dts[i]
-            tok = x.to(bb.dtype)
-            if s.use_norm:
-                tok = F.layer_norm(tok, tok.shape[-1:], None, None, 1e-6)
-            tokens[:, k] = tok.to(torch.float32)
+            if fast is not None and k + 1 < n_tokens:
+                tok, hidden = fast.replay(noise.for_token(k), self.scales[k])
+                tokens[:, k] = tok.to(torch.float32)
+            else:
+                tok = self.sample_token(hidden, noise.for_token(k), self.scales[k], cfg_mult)
+                tokens[:, k] = tok.to(torch.float32)
+                if k + 1 < n_tokens:
+                    e = bb.image_in_projector(tok).repeat(cfg_mult, 1)
+                    hidden = bb.step(e[:, None], cache, self._kv(cache, 1))[:, -1]
             if callback is not None:
                 callback(k + 1, n_tokens, tokens)
-            if k + 1 < n_tokens:
-                e = bb.image_in_projector(tok).repeat(cfg_mult, 1)
-                hidden = bb.step(e[:, None], cache, self._kv(cache, 1))[:, -1]
+        if fast is not None:
+            fast.finish(cache, n_tokens)
         return tokens
 
     def feed_last(self, tokens: torch.Tensor, cache: StaticKVCache, cfg_mult: int) -> torch.Tensor:
