@@ -151,8 +151,22 @@ class Backbone(nn.Module):
             raise SettingsError(
                 f"This run needs {max_len} positions but the model supports {self.cfg.max_position_embeddings}: "
                 "use a smaller size or a shorter prompt/story.")
+        need = self.cache_bytes(batch, max_len)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if need > free:
+                from .errors import NextStepError
+                raise NextStepError(
+                    f"This run needs {need / 2**30:.2f} GiB of GPU memory for its KV cache ({batch} rows x {max_len} "
+                    f"positions) but only {free / 2**30:.2f} GiB is free. Use a smaller size, batch or story, "
+                    "or free VRAM.")
         return StaticKVCache(self.cfg.num_layers, batch, self.cfg.num_kv_heads, max_len, self.cfg.head_dim,
                              self.dtype, self.device)
+
+    def cache_bytes(self, batch: int, max_len: int) -> int:
+        """Keys + values for every layer, in the model dtype: what a run needs beyond the weights."""
+        c = self.cfg
+        return 2 * c.num_layers * batch * c.num_kv_heads * max_len * c.head_dim * self.dtype.itemsize
 
     def rope(self, length: int) -> Rope:
         r = self._rope
