@@ -27,6 +27,20 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(dtype)
 
 
+def attend(q, keys, values, mask):
+    """SDPA with grouped-query attention. `enable_gqa` (torch >= 2.5) reads each KV head once
+    instead of materialising a repeated copy of the whole cache per layer per token; older
+    torch gets the explicit repeat. Both give the same numbers."""
+    rep = q.shape[1] // keys.shape[1]
+    if rep > 1:
+        try:
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        except TypeError:
+            keys = keys.repeat_interleave(rep, dim=1)
+            values = values.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -66,13 +80,7 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         cache.keys[layer][:, :, start:start + n] = k
         cache.values[layer][:, :, start:start + n] = v
-        keys = cache.keys[layer][:, :, :kv_len]
-        values = cache.values[layer][:, :, :kv_len]
-        rep = self.num_heads // self.num_kv_heads
-        if rep > 1:  # repeat_kv, not enable_gqa: keeps the reference's exact summation order
-            keys = keys[:, :, None].expand(b, self.num_kv_heads, rep, kv_len, self.head_dim).reshape(b, self.num_heads, kv_len, self.head_dim)
-            values = values[:, :, None].expand(b, self.num_kv_heads, rep, kv_len, self.head_dim).reshape(b, self.num_heads, kv_len, self.head_dim)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        out = attend(q, cache.keys[layer][:, :, :kv_len], cache.values[layer][:, :, :kv_len], mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -87,13 +95,7 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         cache.keys[layer].index_copy_(2, pos, k)
         cache.values[layer].index_copy_(2, pos, v)
-        keys, values = cache.keys[layer], cache.values[layer]
-        rep = self.num_heads // self.num_kv_heads
-        n = keys.shape[2]
-        if rep > 1:
-            keys = keys[:, :, None].expand(b, self.num_kv_heads, rep, n, self.head_dim).reshape(b, self.num_heads, n, self.head_dim)
-            values = values[:, :, None].expand(b, self.num_kv_heads, rep, n, self.head_dim).reshape(b, self.num_heads, n, self.head_dim)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        out = attend(q, cache.keys[layer], cache.values[layer], mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, 1, -1))
 
 
