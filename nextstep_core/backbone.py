@@ -131,6 +131,7 @@ class Backbone(nn.Module):
         self.cfg = cfg
         self.placeholder_id = placeholder_id
         self.source = ""  # the folder the weights came from, for reading the LM head later
+        self.streamer = None  # set by offload.stream_layers in low-VRAM mode
         self.embed_tokens = ops.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, ops) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

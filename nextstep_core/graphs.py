@@ -74,6 +74,8 @@ def graphed_loop(loop, hidden, cache, cfg_mult: int, n_tokens: int):
     mode = loop.s.cuda_graphs
     if mode == "off" or n_tokens < 2:
         return None
+    if getattr(loop.bb, "streamer", None) is not None:
+        return None  # streamed layers swap weights in Python hooks: nothing fixed to capture
     if hidden.device.type != "cuda":
         if mode == "on":
             warnings.warn("cuda_graphs='on' needs a CUDA device; running eagerly.")
