@@ -62,7 +62,6 @@ const STYLE = `
   padding: 2px 4px; overflow: hidden; box-sizing: border-box; }
 .nextstep-status .ns-run { color: var(--input-text, #ddd); white-space: nowrap; overflow: hidden;
   text-overflow: ellipsis; }
-.nextstep-status .ns-run:empty { display: none; }
 .nextstep-status .ns-size { white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
 .nextstep-reasoning { display: flex; flex-direction: column; gap: 3px; height: 100%;
   box-sizing: border-box; font: 12px system-ui, sans-serif; color: var(--descrip-text, #999); }
@@ -157,6 +156,7 @@ class NodeUI {
     if (kind.panels && this.widget("panels")) this.addPanels();
     this.listen();
     this.refresh(true);
+    growToFit(this.node);
   }
 
   /** Take everything away again (used when attach() fails half way). */
@@ -184,9 +184,9 @@ class NodeUI {
     else this.node.properties[PROP_BASE] = b;
   }
 
-  fits(size, w = this.width, h = this.height) {
+  fits(size) {
     const ok = (v, widget) => v >= (widget.options?.min ?? L.TOKEN_PX) && v <= (widget.options?.max ?? Infinity);
-    return ok(size.width, w) && ok(size.height, h);
+    return ok(size.width, this.width) && ok(size.height, this.height);
   }
 
   /** The aspect combo's values at the current base, without presets the widgets cannot take. */
@@ -212,7 +212,6 @@ class NodeUI {
   changeBase(base) {
     const from = L.bucketSizes(this.base).findIndex((s) => s.width === this.width.value && s.height === this.height.value);
     this.base = base;
-    this.aspect.options.values = this.presetValues();
     const to = from >= 0 ? L.bucketSizes(base)[from] : null;
     if (to && this.fits(to)) this.setSize(to.width, to.height);
     this.refresh(true);
@@ -250,6 +249,20 @@ class NodeUI {
     });
   }
 
+  /** Show the preset (and base) the current size is, with the options of that base. */
+  syncPresets() {
+    const match = L.matchPreset(this.width.value, this.height.value, this.base);
+    if (match) this.base = match.base;
+    const base = String(this.base);
+    if (this.baseCombo.value !== base) this.baseCombo.value = base;
+    if (this.optionsBase !== base) {
+      this.optionsBase = base;
+      this.aspect.options.values = this.presetValues();
+    }
+    const label = match ? match.label : L.CUSTOM;
+    if (this.aspect.value !== label) this.aspect.value = label;
+  }
+
   // -- status line -----------------------------------------------------------------------------
 
   addStatus() {
@@ -257,9 +270,9 @@ class NodeUI {
     this.sizeLine = el("div", "ns-size");
     this.runLine = el("div", "ns-run");
     box.append(this.sizeLine, this.runLine);
+    // two lines, the run line reserved even when idle, so a run never resizes the node
     this.status = addPanelWidget(this.node, "nextstep_status", box, {
-      getMinHeight: () => (this.runLine.textContent ? 40 : 22),
-      getMaxHeight: () => (this.runLine.textContent ? 40 : 22),
+      margin: 3, getMinHeight: () => 42, getMaxHeight: () => 42,
     });
     this.track(this.status);
   }
@@ -291,12 +304,9 @@ class NodeUI {
 
   paintStatus() {
     const size = this.sizeText();
-    const run = this.runText();
-    const grew = !!run !== !!this.runLine.textContent;
     this.sizeLine.textContent = size;
     this.sizeLine.title = size;
-    this.runLine.textContent = run;
-    if (grew) growToFit(this.node);
+    this.runLine.textContent = this.runText();
   }
 
   // -- progress --------------------------------------------------------------------------------
@@ -491,14 +501,19 @@ class NodeUI {
     this.paintStatus();
   }
 
-  renderRows(focus = null, caret = null) {
+  /** The line under the rows: how many panels, or that a link provides them. */
+  paintPanelNote() {
     const linked = isLinked(this.node, "panels");
     this.panelBox.classList.toggle("ns-linked", linked);
-    const n = this.rows.length;
     const filled = this.rows.filter((r) => r.trim() !== "").length;
     this.panelNote.textContent = linked
       ? "panels come from a linked input"
-      : `${filled} panel${filled === 1 ? "" : "s"}${n ? "" : " · add one"}`;
+      : `${filled} panel${filled === 1 ? "" : "s"}${this.rows.length ? "" : " · add one"}`;
+  }
+
+  renderRows(focus = null, caret = null) {
+    this.paintPanelNote();
+    const n = this.rows.length;
     const rows = this.rows.map((text, i) => {
       const row = el("div", "ns-row");
       const idx = el("span", "ns-idx", String(i + 1));
@@ -510,6 +525,7 @@ class NodeUI {
       input.addEventListener("input", () => {
         this.rows[i] = input.value;
         this.writePanels();
+        this.paintPanelNote();
       });
       input.addEventListener("paste", (ev) => {
         const pasted = ev.clipboardData?.getData("text") ?? "";
@@ -561,7 +577,6 @@ class NodeUI {
   syncPanels() {
     const text = this.panelsWidget.value ?? "";
     if (text === this.written) return;
-    if (this.panelBox.contains(document.activeElement)) return;
     this.written = text;
     this.rows = L.panelsFromText(text);
     this.renderRows();
@@ -588,17 +603,8 @@ class NodeUI {
     ].join("|");
     if (!force && key === this.seen) return;
     this.seen = key;
-    if (this.aspect) {
-      const match = L.matchPreset(this.width.value, this.height.value, this.base);
-      if (match && match.base !== this.base) {
-        this.base = match.base;
-        this.baseCombo.value = String(match.base);
-        this.aspect.options.values = this.presetValues();
-      }
-      const label = match ? match.label : L.CUSTOM;
-      if (this.aspect.value !== label) this.aspect.value = label;
-    }
-    if (this.panelBox) this.panelBox.classList.toggle("ns-linked", isLinked(this.node, "panels"));
+    if (this.aspect) this.syncPresets();
+    if (this.panelBox) this.paintPanelNote();
     this.paintStatus();
     this.paintReasoning();
   }

@@ -1,4 +1,4 @@
-// Pure helpers for the NextStep graph-editor extension: aspect buckets, size snapping, token
+// Pure functions of the NextStep graph-editor extension: aspect buckets, size snapping, token
 // counts, a token-rate / ETA estimator, and the storyboard panel text <-> rows mapping.
 // No DOM and no ComfyUI here, so node's built-in test runner covers all of it
 // (tests/web/nextstep_logic.test.mjs).
@@ -120,9 +120,10 @@ export function newTracker() {
 
 /** Add one progress message (value of max, at time t in ms). A smaller value or a different max
  *  starts a new pass (a new image, panel or run) with its own rate; a repeated value is ignored.
- *  Samples older than
- *  `windowMs` before t are dropped, but the newest of them is kept so the window spans it. */
-export function trackProgress(tr, value, max, t, windowMs = 5000) {
+ *  The rate is measured over the last `windowMs` or the later half of the pass, whichever is
+ *  longer: long enough to average out the pauses live previews make, short enough to follow a
+ *  real change of speed. Older samples are dropped (the newest of them is kept as the start). */
+export function trackProgress(tr, value, max, t, windowMs = 20000) {
   const restart = tr.lastT === null || max !== tr.max || value < tr.value;
   if (restart) {
     return {
@@ -132,7 +133,7 @@ export function trackProgress(tr, value, max, t, windowMs = 5000) {
   }
   if (value === tr.value) return tr; // the same step again (e.g. "progress" and "progress_state")
   let samples = [...tr.samples, { t, value }];
-  const cut = samples.findIndex((s) => s.t >= t - windowMs);
+  const cut = samples.findIndex((s) => s.t >= t - Math.max(windowMs, (t - tr.firstT) / 2));
   if (cut > 1) samples = samples.slice(cut - 1);
   return { ...tr, value, samples, lastT: t };
 }
@@ -177,12 +178,13 @@ export function formatRate(rate) {
 }
 
 /** The status line of a NextStep node. phase: "idle" | "starting" | "running" | "done" | "stopped";
- *  elapsed: seconds since the node started (covers prefill and Self-CoT before the first token). */
+ *  elapsed: seconds since the node started (model loading, the prompt, Self-CoT reasoning and
+ *  image encoding all come before the first image token). */
 export function statusText(phase, stats, elapsed = null) {
   const pass = stats?.resets ? ` (pass ${stats.resets + 1})` : "";
   switch (phase) {
     case "starting":
-      return `starting… ${formatDuration(elapsed)} (prompt, reasoning)`;
+      return `preparing… ${formatDuration(elapsed)}`;
     case "running":
       return `${formatCount(stats.value)}/${formatCount(stats.max)} tokens${pass} · ${formatRate(stats.rate)} tok/s · ETA ${formatDuration(stats.eta)}`;
     case "done": {

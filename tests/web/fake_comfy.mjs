@@ -153,9 +153,11 @@ export class FakeApp {
 }
 
 /** A LiteGraph-like node base class; `spec` lists the Python widgets [name, value, options]. */
+let lastId = 0;
+
 export class FakeNode {
   constructor(spec, app) {
-    this.id = 7;
+    this.id = ++lastId;
     this.graph = app.rootGraph;
     this.widgets = [];
     this.inputs = [];

@@ -79,6 +79,24 @@ test("text to image: aspect presets set width and height; the base keeps the buc
   node.onRemoved();
 });
 
+test("a loaded workflow shows its preset at the saved base", () => {
+  const node = makeNode(ext, app, "NextStepTextToImage");
+  // what configure() restores from a file saved at base 1024 with the 4:1 preset
+  node.properties.nextstep_base = 1024;
+  byName(node, "width").value = 2048;
+  byName(node, "height").value = 512;
+  node.onConfigure({});
+  assert.equal(byName(node, "nextstep_base").value, "1024");
+  assert.equal(byName(node, "nextstep_aspect").value, "2048×512 (4:1)");
+  assert.ok(byName(node, "nextstep_aspect").options.values.includes("2048×512 (4:1)"));
+  byName(node, "width").value = 512;
+  byName(node, "height").value = 512;
+  node.onDrawForeground();
+  assert.equal(byName(node, "nextstep_base").value, "512", "a size that is only a bucket at 512 switches the base");
+  assert.ok(byName(node, "nextstep_aspect").options.values.includes("1024×256 (4:1)"));
+  node.onRemoved();
+});
+
 test("presets the widgets cannot take are not offered", () => {
   const spec = SPECS.NextStepTextToImage.map(([n, v, o]) => (n === "width" ? [n, v, { ...o, max: 1024 }] : [n, v, o]));
   const node = makeNode(ext, app, "NextStepTextToImage", spec);
@@ -98,7 +116,7 @@ test("width and height snap to multiples of 16 and the token cost follows", () =
   width.value = 7; // set past the widget's own rounding
   width.callback(7);
   assert.equal(width.value, 16);
-  width.callback(600);
+  width.callback(590);
   assert.equal(width.value, 592);
   node.onDrawForeground();
   assert.equal(byName(node, "nextstep_aspect").value, "custom");
@@ -129,20 +147,21 @@ test("edit: the size widget snaps and shows the cost of its base", () => {
 
 test("the status line follows executing / progress messages and stops with the run", () => {
   const node = makeNode(ext, app, "NextStepTextToImage");
-  api.send("executing", "7");
-  assert.match(ui(node).runLine.textContent, /^starting… 0:00/);
-  for (let v = 1; v <= 40; v++) api.send("progress", { value: v, max: 1024, node: "7", prompt_id: "p" });
+  const id = String(node.id);
+  api.send("executing", id);
+  assert.match(ui(node).runLine.textContent, /^preparing… 0:00/);
+  for (let v = 1; v <= 40; v++) api.send("progress", { value: v, max: 1024, node: id, prompt_id: "p" });
   assert.match(ui(node).runLine.textContent, /^40\/1,024 tokens · .* tok\/s · ETA /);
-  api.send("progress", { value: 41, max: 1024, node: "8", prompt_id: "p" });
+  api.send("progress", { value: 41, max: 1024, node: `${id}0`, prompt_id: "p" });
   assert.match(ui(node).runLine.textContent, /^40\/1,024/, "other nodes' progress is ignored");
-  api.send("progress_state", { prompt_id: "p", nodes: { 7: { value: 64, max: 1024, state: "running" } } });
+  api.send("progress_state", { prompt_id: "p", nodes: { [id]: { value: 64, max: 1024, state: "running" } } });
   assert.match(ui(node).runLine.textContent, /^64\/1,024/, "progress_state works too");
   api.send("execution_interrupted", { prompt_id: "p" });
   assert.equal(ui(node).runLine.textContent, "stopped at 64/1,024 tokens");
   assert.equal(ui(node).timer, null, "no timer after the run");
 
-  api.send("executing", "7");
-  api.send("progress", { value: 1024, max: 1024, node: "7", prompt_id: "q" });
+  api.send("executing", id);
+  api.send("progress", { value: 1024, max: 1024, node: id, prompt_id: "q" });
   api.send("executing", null);
   assert.match(ui(node).runLine.textContent, /^done · 1,024 tokens · 0:0\d/);
   node.onRemoved();
@@ -152,13 +171,13 @@ test("removing a node removes its listeners and timer; re-adding listens again",
   const before = api.live;
   const node = makeNode(ext, app, "NextStepTextToImage");
   assert.ok(api.live > before);
-  api.send("executing", "7");
+  api.send("executing", String(node.id));
   assert.notEqual(ui(node).timer, null);
   node.onRemoved();
   assert.equal(api.live, before);
   assert.equal(ui(node).timer, null);
   const text = ui(node).runLine.textContent;
-  api.send("progress", { value: 5, max: 10, node: "7" });
+  api.send("progress", { value: 5, max: 10, node: String(node.id) });
   assert.equal(ui(node).runLine.textContent, text, "a removed node no longer listens");
   node.onAdded();
   assert.ok(api.live > before);
@@ -242,6 +261,8 @@ test("storyboard: Enter splits a row, Backspace on an empty row removes it", () 
   row0.fire("keydown", { key: "Enter" });
   assert.deepEqual(list.all("input").map((i) => i.value), ["a fox", " wakes up", "a fox walks to the river"]);
   assert.equal(document.activeElement, list.all("input")[1]);
+  node.onDrawForeground();
+  assert.equal(document.activeElement, list.all("input")[1], "a redraw does not rebuild the rows under the caret");
   const row1 = list.all("input")[1];
   row1.value = "";
   row1.fire("input");
@@ -274,7 +295,7 @@ test("if setting up a node fails, the node keeps exactly its plain widgets", () 
   });
   assert.deepEqual(node.widgets.map((w) => w.name), plainNames("NextStepStoryboard"));
   assert.deepEqual(node.widgets.map((w) => w.callback), callbacks, "the size widgets' callbacks are restored");
-  assert.equal(byName(node, "panels").hidden, false);
+  assert.ok(!byName(node, "panels").hidden, "the plain panels text stays visible");
   assert.equal(node.nextstepUI, undefined);
   assert.ok(warnings.some((w) => w.includes("could not set up NextStepStoryboard")));
   node.onExecuted({ reasoning: ["x"] }); // the other hooks do nothing
@@ -283,10 +304,10 @@ test("if setting up a node fails, the node keeps exactly its plain widgets", () 
 });
 
 test("without the frontend's modules the extension logs and registers nothing", async () => {
-  const other = new FakeApp();
-  globalThis.window = { comfyAPI: undefined };
+  const registered = app.extensions.length;
+  globalThis.window = { comfyAPI: undefined }; // and ../../scripts/app.js does not exist here
   await import("../../web/nextstep.js?no-frontend");
   globalThis.window = { comfyAPI: { app: { app }, api: { api } } };
-  assert.equal(other.extensions.length, 0);
+  assert.equal(app.extensions.length, registered);
   assert.ok(warnings.some((w) => w.includes("the extension did not load")));
 });
