@@ -15,6 +15,9 @@ from .backbone import Backbone
 from .config import backbone_config, flow_head_config, read_json
 from .errors import CheckpointError
 from .flow_head import FlowHead
+from .quant import LINEARS, check_device, check_format, empty_quantized_layers, quantize_layer, quantized_names
+from .quant_file import (MAKE_ONE, META_VARIANT, check_stored_dtypes, file_format, file_metadata, pick_quantized,
+                         quantized_config, scan)
 from .tokenizer import NextStepTokenizer
 from .vae import NextStepVAE, VAEConfig
 from .weights import WeightIndex, load_torch_state, safetensors_header, check_shapes
@@ -63,7 +66,13 @@ def _model_config(folder: str) -> dict:
 
 
 def model_variant(folder: str) -> str:
-    """Which released model a folder holds, from its name (the repos share one config class)."""
+    """Which released model a folder holds, from its name (the repos share one config class); a
+    pre-quantized file records the variant of the folder it was made from."""
+    if os.path.isfile(folder) and folder.endswith(".safetensors"):
+        recorded = file_metadata(folder).get(META_VARIANT)
+        if recorded in VARIANTS:
+            return recorded
+        folder = os.path.dirname(os.path.abspath(folder))
     name = os.path.basename(os.path.normpath(folder)).lower().replace("_", "-")
     if "1.1" in name or "1-1" in name:
         return "nextstep1.1-pretrain" if "pretrain" in name else "nextstep1.1"
@@ -76,12 +85,29 @@ def model_variant(folder: str) -> str:
         cfg = read_json(cfg_path)
         if "genloss_width" in cfg or cfg.get("base_image_grid_size") == 64:
             return "nextstep1.1"
+    elif os.path.isdir(folder):
+        found, _ = scan(folder)
+        recorded = {file_metadata(p).get(META_VARIANT) for ps in found.values() for p in ps}
+        if len(recorded) == 1 and next(iter(recorded)) in VARIANTS:
+            return next(iter(recorded))
     return "nextstep1-large"
 
 
 
-def load_backbone(folder: str, device="cpu", dtype=torch.float32, with_lm_head: bool = False):
-    """-> (Backbone, NextStepTokenizer). `lm_head` (1.5 GB at 14B) is read only for text generation."""
+def load_backbone(folder: str, device="cpu", dtype=torch.float32, with_lm_head: bool = False,
+                  quant: str | None = None):
+    """-> (Backbone, NextStepTokenizer). `lm_head` (1.5 GB at 14B) is read only for text generation.
+
+    `quant` ('int8' / 'fp8') quantizes the decoder layers while loading, one layer at a time, so
+    the full-precision model never sits in memory whole. `folder` may also be a pre-quantized
+    file (see quant_file.py) or a folder holding one; its tokenizer is read from the file's folder.
+    `dtype` is the compute dtype: everything that is not 8-bit is cast to it."""
+    if quant is not None:
+        check_device(check_format(quant), device)
+    qfile = pick_quantized(folder, quant)
+    if qfile is not None:
+        check_device(file_format(qfile), device)
+        return _load_prequantized(qfile, device, dtype, with_lm_head)
     cfg_json = _model_config(folder)
     tok = NextStepTokenizer(folder)
     index = WeightIndex(folder)
@@ -92,12 +118,55 @@ def load_backbone(folder: str, device="cpu", dtype=torch.float32, with_lm_head: 
     _check_ids(cfg, tok, folder)
     with torch.device("meta"):
         model = Backbone(cfg, with_lm_head=False, placeholder_id=tok.placeholder_id)
-    index.load_into(model, "", device, dtype)
-    model.source = folder
+    if quant is None:
+        index.load_into(model, "", device, dtype)
+    else:
+        _load_quantizing(model, index, device, dtype, quant)
+    return _finish(model, folder, with_lm_head), tok
+
+
+def _load_quantizing(model: Backbone, index: WeightIndex, device, dtype, quant: str) -> None:
+    """Each layer's matrices arrive in their stored precision and are quantized at once, so peak
+    memory is the 8-bit model plus one full-precision layer."""
+    for name, child in model.named_children():
+        if name != "layers":
+            index.load_into(child, name + ".", device, dtype)
+    matrices = {p + ".weight" for p in LINEARS}
+    for i, layer in enumerate(model.layers):
+        index.load_into(layer, f"layers.{i}.", device, dtype, keep_dtype=matrices)
+        quantize_layer(layer, quant)
+
+
+def _load_prequantized(path: str, device, dtype, with_lm_head: bool):
+    folder = os.path.dirname(os.path.abspath(path))
+    cfg_json = quantized_config(path)
+    try:
+        tok = NextStepTokenizer(folder)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path} is a pre-quantized backbone; its tokenizer is read from the folder it lies "
+                              f"in. {exc}") from None
+    index = WeightIndex(path)
+    fmt = file_format(path)
+    if "image_in_projector.weight" not in index or "layers.0.self_attn.q_proj.scale" not in index:
+        raise CheckpointError(f"{path} says it is a {fmt} NextStep backbone but lacks its weights (no "
+                              f"image_in_projector or scales): it is damaged or was not written by `{MAKE_ONE}`. "
+                              "Make it again.")
+    cfg = backbone_config(cfg_json, o_bias="layers.0.self_attn.o_proj.bias" in index)
+    _check_ids(cfg, tok, path)
+    with torch.device("meta"):
+        model = Backbone(cfg, with_lm_head=False, placeholder_id=tok.placeholder_id)
+        empty_quantized_layers(model, fmt)
+    keep = quantized_names(model)
+    check_stored_dtypes(path, index, fmt, keep)
+    index.load_into(model, "", device, dtype, keep_dtype=keep)
+    return _finish(model, path, with_lm_head), tok
+
+
+def _finish(model: Backbone, source: str, with_lm_head: bool) -> Backbone:
+    model.source = source
     if with_lm_head:
         attach_lm_head(model)
-    model.eval().requires_grad_(False)
-    return model, tok
+    return model.eval().requires_grad_(False)
 
 
 def attach_lm_head(model: Backbone) -> Backbone:
@@ -112,7 +181,9 @@ def attach_lm_head(model: Backbone) -> Backbone:
     else:
         index = WeightIndex(model.source)
         if "lm_head.weight" not in index:
-            raise CheckpointError(f"{model.source} has no lm_head weights, which Self-CoT needs.")
+            hint = (" It is a pre-quantized file made without the LM head: make it again without --no-lm-head, or "
+                    "load the full model folder." if os.path.isfile(model.source) else "")
+            raise CheckpointError(f"{model.source} has no lm_head weights, which Self-CoT needs.{hint}")
         with torch.device("meta"):
             head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         index.load_into(head, "lm_head.", model.device, model.dtype)
@@ -131,8 +202,12 @@ def _check_ids(cfg, tok: NextStepTokenizer, folder: str) -> None:
 
 
 def load_flow_head(folder: str, device="cpu", dtype=torch.float32) -> FlowHead:
-    cfg_json = _model_config(folder)
-    index = WeightIndex(folder)
+    """From a model folder, or from a pre-quantized file (which carries the head unchanged)."""
+    qfile = pick_quantized(folder, None)
+    if qfile is not None:
+        cfg_json, index, folder = quantized_config(qfile), WeightIndex(qfile), qfile
+    else:
+        cfg_json, index = _model_config(folder), WeightIndex(folder)
     if HEAD_PREFIX + "net.input_proj.weight" not in index:
         raise CheckpointError(f"{folder} has no flow head (image_head.*) weights.")
     token_dim = index.shapes[HEAD_PREFIX + "net.input_proj.weight"][1]
@@ -144,6 +219,8 @@ def load_flow_head(folder: str, device="cpu", dtype=torch.float32) -> FlowHead:
 
 def _vae_files(path: str):
     """-> (config dict or None, weights file) for a VAE folder, a model folder with vae/, or a file."""
+    if os.path.isfile(path) and path.endswith(".safetensors") and file_format(path) is not None:
+        path = os.path.dirname(os.path.abspath(path))  # a pre-quantized backbone: its folder holds vae/
     if os.path.isfile(path):
         cfg_path = os.path.join(os.path.dirname(path), "config.json")
         cfg = read_json(cfg_path) if os.path.isfile(cfg_path) else None
@@ -156,7 +233,8 @@ def _vae_files(path: str):
         path = os.path.join(path, "vae")
     files = os.listdir(path)
     weights = [f for f in ("checkpoint.pt", "diffusion_pytorch_model.safetensors", "model.safetensors") if f in files]
-    weights += sorted(f for f in files if f.endswith(".safetensors") and f not in weights)
+    weights += sorted(f for f in files if f.endswith(".safetensors") and f not in weights
+                      and file_format(os.path.join(path, f)) is None)
     if not weights:
         raise CheckpointError(
             f"{path} {describe_folder(path)} and has no VAE weights (checkpoint.pt or .safetensors). Download "

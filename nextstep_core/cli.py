@@ -13,6 +13,7 @@ import time
 
 from .errors import NextStepError
 from .presets import preset
+from .quant import FORMATS
 from .samplers import SAMPLERS
 
 
@@ -35,6 +36,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--quant", choices=list(FORMATS),
+                   help="8-bit backbone weights (about half the memory): quantized while loading a full-precision "
+                        "folder, or read from a pre-quantized .safetensors (see `quantize`)")
     p.add_argument("--exact", action="store_true",
                    help="bit-for-bit parity with StepFun's pipeline (slower: no attention trimming or batched adaLN)")
     p.add_argument("--out", required=True, help="output PNG (several images: NAME-0.png, NAME-1.png, ...)")
@@ -64,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(b)
     b.add_argument("--panel", action="append", default=[], help="a panel prompt; repeat, in story order")
     b.add_argument("--style", default="", help="character/style text put before every panel prompt")
+    q = sub.add_parser("quantize", help="write the backbone (plus LM head and flow head) as one 8-bit .safetensors")
+    q.add_argument("--model", required=True, help="full-precision NextStep model folder (or a Hugging Face repo id)")
+    q.add_argument("--format", required=True, choices=list(FORMATS), dest="fmt",
+                   help="int8 (any GPU) or fp8 (e4m3; fp8 matmuls on Ada/Hopper and newer)")
+    q.add_argument("--out", required=True, help="the .safetensors to write; put it next to the model's tokenizer files")
+    q.add_argument("--device", default="cpu", help="where to quantize (cpu needs about 16 GB of RAM at 14B)")
+    q.add_argument("--no-lm-head", action="store_true", help="leave out the LM head (1.5 GB at 14B; Self-CoT needs it)")
+    q.add_argument("--force", action="store_true", help="replace an existing file")
     t = sub.add_parser("tiny", help="write a tiny random checkpoint in the official layout (tests, smoke runs)")
     t.add_argument("out")
     t.add_argument("--edit", action="store_true", help="use the Edit repo's VAE config dialect")
@@ -131,7 +143,7 @@ def run_generation(args) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     t0 = time.perf_counter()
-    backbone, tok = load_backbone(model, device, dtype)
+    backbone, tok = load_backbone(model, device, dtype, quant=args.quant)
     pipe = NextStepPipeline(backbone, tok, load_flow_head(model, device, dtype), load_vae(args.vae or model, device, dtype))
     load_s = time.perf_counter() - t0
     editing = args.command == "edit"
@@ -213,6 +225,31 @@ def _storyboard(args, pipe, req, settings, variant, t1) -> int:
     return 0
 
 
+def run_quantize(args) -> int:
+    import torch
+    from .checkpoint import load_backbone
+    from .devices import resolve_device
+    from .quant_file import save_quantized
+    out = args.out
+    if not out.endswith(".safetensors"):
+        raise NextStepError(f"--out {out}: the file name must end in .safetensors.")
+    if os.path.exists(out) and not args.force:
+        raise NextStepError(f"{out} already exists; choose another name or pass --force to replace it. "
+                            "Nothing was written.")
+    model = resolve_model(args.model)
+    if os.path.isfile(model):
+        raise NextStepError(f"{model} is a file; quantize reads the full-precision model folder (config.json, "
+                            "model*.safetensors, tokenizer files).")
+    t0 = time.perf_counter()
+    # Matrices are quantized from their stored precision; the rest is copied from the files, so
+    # the compute dtype only decides what the embeddings occupy meanwhile.
+    backbone, _ = load_backbone(model, resolve_device(args.device), torch.bfloat16, quant=args.fmt)
+    save_quantized(backbone, model, out, lm_head=not args.no_lm_head, force=args.force)
+    print(f"wrote {out} ({os.path.getsize(out) / 1e9:.2f} GB, {args.fmt}) in {time.perf_counter() - t0:.0f}s; keep it "
+          "next to the model's tokenizer files (and vae/), or pass the VAE with --vae", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -221,6 +258,8 @@ def main(argv=None) -> int:
             write_tiny(args.out, edit=args.edit, v11=args.v11, shards=args.shards, seed=args.seed, force=args.force)
             print(f"wrote a tiny NextStep checkpoint to {args.out}")
             return 0
+        if args.command == "quantize":
+            return run_quantize(args)
         return run_generation(args)
     except NextStepError as exc:
         print(f"error: {exc}", file=sys.stderr)

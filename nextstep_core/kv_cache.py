@@ -47,21 +47,28 @@ class StaticKVCache:
         other.length, other.max_len, other.dtype = self.length, self.max_len, self.dtype
         return other
 
-    def grown(self, max_len: int) -> "StaticKVCache":
-        """A deep copy with room for `max_len` positions, so two continuations of one context
-        (storyboard branches) can never overwrite each other."""
+    def grown(self, max_len: int, device=None) -> "StaticKVCache":
+        """A deep copy with room for `max_len` positions (on `device`, default where it is), so two
+        continuations of one context (storyboard branches) can never overwrite each other."""
         other = StaticKVCache.__new__(StaticKVCache)
         n = self.length
+        device = self.valid.device if device is None else device
+
         def copy(t):
-            out = t.new_zeros(t.shape[:2] + (max_len,) + t.shape[3:])
+            out = torch.zeros(t.shape[:2] + (max_len,) + t.shape[3:], dtype=t.dtype, device=device)
             out[:, :, :n] = t[:, :, :n]
             return out
         other.keys = [copy(k) for k in self.keys]
         other.values = [copy(v) for v in self.values]
-        other.valid = self.valid.new_zeros(self.valid.shape[0], max_len)
+        other.valid = torch.zeros(self.valid.shape[0], max_len, dtype=torch.bool, device=device)
         other.valid[:, :n] = self.valid[:, :n]
         other.length, other.max_len, other.dtype = n, max_len, self.dtype
         return other
+
+    def offloaded(self) -> "StaticKVCache":
+        """The filled part moved to CPU RAM: a story context waiting between two panel nodes should
+        not hold VRAM that other models may need."""
+        return self.grown(self.length, "cpu")
 
     def clone(self) -> "StaticKVCache":
         """A deep copy, so two continuations of one context cannot overwrite each other."""

@@ -50,6 +50,12 @@ class StoryContext:
     def nbytes(self) -> int:
         return 0 if self.cache is None else self.cache.nbytes()
 
+    def offloaded(self) -> "StoryContext":
+        """The same story with its cache in CPU RAM (the next panel copies it back)."""
+        if self.cache is None or self.cache.valid.device.type == "cpu":
+            return self
+        return StoryContext(self.cfg_mult, self.negative, self.style, self.cache.offloaded(), self.segments)
+
 
 @dataclass
 class Panel:
@@ -103,7 +109,10 @@ class Storyboard:
             raise SettingsError(
                 f"Panel {len(ctx.segments) + 1} would make the story {need} tokens long; the model's limit is "
                 f"{limit}. Start a new story or use smaller panels ({n} tokens each now).")
-        cache = bb.new_cache(ids.shape[0], need) if ctx.cache is None else ctx.cache.grown(need)
+        if ctx.cache is None:
+            cache = bb.new_cache(ids.shape[0], need)
+        else:
+            cache = ctx.cache.grown(need, dev)
         kv = None if sampling.exact else cache.length + ids.shape[1]
         hidden = bb.prefill(bb.embed(ids.to(dev)), mask.to(dev), cache, kv)[:, -1]
         noise = noise_for(sampling, make_generator(seed), 1, 1, bb.cfg.token_dim, dev, n)

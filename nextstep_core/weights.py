@@ -17,6 +17,12 @@ from .errors import CheckpointError
 INDEX = "model.safetensors.index.json"
 
 
+def data_start(path: str) -> int:
+    """Byte offset of the tensor data (offsets in the header count from here)."""
+    with open(path, "rb") as fh:
+        return 8 + struct.unpack("<Q", fh.read(8))[0]
+
+
 def safetensors_header(path: str) -> dict:
     """Parse the header and check the file holds every byte it promises (a cut download does not)."""
     size = os.path.getsize(path)
@@ -41,14 +47,21 @@ def safetensors_header(path: str) -> dict:
 
 
 class WeightIndex:
-    """Maps every tensor name of a model folder to its file, without reading tensor data."""
+    """Maps every tensor name of a model folder (or of one .safetensors file) to its file, without
+    reading tensor data. Pre-quantized files lying in a folder are not part of its weights."""
 
     def __init__(self, folder: str):
         self.folder = folder
         self.files: dict[str, str] = {}
         self.shapes: dict[str, tuple] = {}
+        self.dtypes: dict[str, str] = {}
+        self.offsets: dict[str, tuple] = {}  # byte range within the file's data section
         index = os.path.join(folder, INDEX)
-        if os.path.isfile(index):
+        single = os.path.isfile(folder)
+        if single:
+            shards = [os.path.basename(folder)]
+            folder = os.path.dirname(folder)
+        elif os.path.isfile(index):
             with open(index, "r", encoding="utf-8") as fh:
                 weight_map = json.load(fh).get("weight_map", {})
             shards = sorted(set(weight_map.values()))
@@ -61,12 +74,21 @@ class WeightIndex:
             shards = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
         if not shards:
             raise CheckpointError(f"{folder} holds no .safetensors weights.")
+        skipped = 0
         for shard in shards:
             path = os.path.join(folder, shard)
-            for name, meta in safetensors_header(path).items():
+            header = safetensors_header(path)
+            if not single and "nextstep_quant" in (header.get("__metadata__") or {}):
+                skipped += 1  # a pre-quantized file beside the full weights: loaded only when chosen
+                continue
+            for name, meta in header.items():
                 if name != "__metadata__":
                     self.files[name] = path
                     self.shapes[name] = tuple(meta["shape"])
+                    self.dtypes[name] = meta["dtype"]
+                    self.offsets[name] = tuple(meta["data_offsets"])
+        if skipped and not self.files:
+            raise CheckpointError(f"{self.folder} holds only pre-quantized weights, no full-precision ones.")
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
@@ -74,8 +96,10 @@ class WeightIndex:
     def keys(self):
         return self.files.keys()
 
-    def load_into(self, module: torch.nn.Module, prefix: str, device, dtype, skip=()) -> None:
-        """Assign `prefix + name` for every parameter/buffer `name` of `module` (built on meta)."""
+    def load_into(self, module: torch.nn.Module, prefix: str, device, dtype, skip=(), keep_dtype=()) -> None:
+        """Assign `prefix + name` for every parameter/buffer `name` of `module` (built on meta);
+        floating tensors are cast to `dtype` except the local names in `keep_dtype` (8-bit weights
+        and their scales, or matrices about to be quantized from their stored precision)."""
         from safetensors import safe_open
         wanted = {n: prefix + n for n, _ in list(module.named_parameters()) + list(module.named_buffers())}
         missing = [k for k in wanted.values() if k not in self.files]
@@ -91,7 +115,8 @@ class WeightIndex:
             with safe_open(path, framework="pt", device="cpu") as fh:
                 for local, key in items:
                     t = fh.get_tensor(key)
-                    state[local] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                    cast = t.is_floating_point() and local not in keep_dtype
+                    state[local] = t.to(device=device, dtype=dtype if cast else t.dtype)
                     del t
         check_shapes(module, state, self.folder)
         module.load_state_dict(state, strict=True, assign=True)

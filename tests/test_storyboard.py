@@ -66,3 +66,13 @@ def test_limits_and_empty_panels_are_reported_before_work(tiny_pipeline):
     ctx = board.start(cfg=S.cfg)
     with pytest.raises(SettingsError, match="Panel 1 has an empty prompt"):
         board.add_panel(ctx, " ", width=32, height=32, seed=1, sampling=S)
+
+
+def test_a_context_offloaded_to_cpu_continues_identically(tiny_pipeline):
+    board = Storyboard(tiny_pipeline)
+    ctx = board.run(PANELS[:1], width=32, height=32, seed=6, sampling=S)[0].context
+    parked = ctx.offloaded()
+    assert parked.cache.max_len == ctx.cache.length
+    a = board.add_panel(ctx, "next", width=32, height=32, seed=7, sampling=S)
+    b = board.add_panel(parked, "next", width=32, height=32, seed=7, sampling=S)
+    assert torch.equal(a.tokens, b.tokens)

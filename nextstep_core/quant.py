@@ -1,0 +1,251 @@
+"""Weight-only 8-bit linears for the backbone's decoder layers.
+
+Decoding is bound by reading weights, so halving their bytes halves the floor of every token step.
+Only the seven matrices of each decoder layer are quantized (88% of the bytes at 14B); the
+embedding, norms, image projectors, LM head and the flow head stay in full precision because
+they are small, or (the projectors and the head) feed the sampler directly, where CFG magnifies
+any error.
+
+Scales are per output channel (absmax), stored in float32 so they add no rounding of their own.
+fp8 runs as an fp8 x fp8 `torch._scaled_mm` with per-row activation scales where the GPU has the
+kernel (checked once, on a probe, per device); everywhere else both formats dequantize on the fly,
+which torch.compile fuses into the matmul and plain eager pays for in extra traffic.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import SettingsError
+
+FORMATS = ("int8", "fp8")
+STORAGE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+QMAX = {"int8": 127.0, "fp8": 448.0}
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+FP8_MATMUL_ENV = "NEXTSTEP_FP8_MATMUL"  # auto (default) | off | on (also where no capability check applies: tests)
+_CHUNK = 1 << 22  # elements quantized at a time, so the float32 copy of a 14B MLP matrix never exists whole
+
+
+def check_format(fmt) -> str:
+    if fmt not in FORMATS:
+        raise SettingsError(f"Unknown weight format {fmt!r}: use one of {', '.join(FORMATS)} (or none for full "
+                            "precision).")
+    return fmt
+
+
+def check_device(fmt: str, device) -> None:
+    if fmt == "fp8" and torch.device(device).type == "mps":
+        from .errors import DeviceError
+        raise DeviceError("Apple MPS has no float8 tensors, so fp8 weights cannot be used there: choose int8.")
+
+
+def quantize_weight(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (q [out, in] in the storage dtype, scale [out] float32) with w ~= q * scale[:, None]."""
+    check_format(fmt)
+    q = torch.empty(w.shape, dtype=STORAGE[fmt], device=w.device)
+    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    rows = max(1, _CHUNK // max(1, w.shape[1]))
+    qmax = QMAX[fmt]
+    for r in range(0, w.shape[0], rows):
+        part = w[r:r + rows].to(torch.float32)
+        amax = part.abs().amax(dim=1)
+        s = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))  # an all-zero row stays exactly zero
+        v = (part / s[:, None]).clamp_(-qmax, qmax)
+        q[r:r + rows] = v.round_() if fmt == "int8" else v
+        scale[r:r + rows] = s
+    return q, scale
+
+
+class QuantLinear(nn.Module):
+    """A Linear whose weight is 8-bit with a float32 scale per output row; the bias stays in
+    the compute dtype. State-dict names are the Linear's plus `scale`."""
+
+    fmt = ""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.scale = nn.Parameter(scale, requires_grad=False)  # a parameter: whatever moves weights moves it too
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self._configure()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "QuantLinear":
+        q, scale = quantize_weight(linear.weight.detach(), cls.fmt)
+        return cls(q, scale, None if linear.bias is None else linear.bias.detach())
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, bias: bool, device=None, dtype=None) -> "QuantLinear":
+        """Placeholders to load a pre-quantized file into (usually on the meta device)."""
+        return cls(torch.empty(out_features, in_features, dtype=STORAGE[cls.fmt], device=device),
+                   torch.empty(out_features, dtype=torch.float32, device=device),
+                   torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+
+    def _configure(self) -> None:
+        """Pick the kernel for the weight's current device; runs when it moves, never per call."""
+
+    def _apply(self, fn, recurse=True):
+        # `.to(dtype)` / `.half()` would cast an fp8 weight and the float32 scale: only the
+        # device changes for them, found by sending an empty float tensor through `fn`.
+        target = fn(torch.empty(0, device=self.scale.device, dtype=torch.float32)).device
+        self.weight = nn.Parameter(self.weight.to(target), requires_grad=False)
+        self.scale = nn.Parameter(self.scale.to(target), requires_grad=False)
+        if self.bias is not None:
+            self.bias = nn.Parameter(fn(self.bias), requires_grad=False)
+        self._configure()
+        return self
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._configure()  # `load_state_dict(assign=True)` moves the weight without `_apply`
+
+    def dequantized(self, x: torch.Tensor) -> torch.Tensor:
+        return dequantized_linear(x, self.weight, self.scale, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequantized(x)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int8Linear(QuantLinear):
+    fmt = "int8"
+
+
+class Fp8Linear(QuantLinear):
+    fmt = "fp8"
+
+    def _configure(self) -> None:
+        self.scaled_mm = (self.in_features % 16 == 0 and self.out_features % 16 == 0
+                          and fp8_matmul_available(self.weight.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scaled_mm and x.dtype == torch.bfloat16:
+            return self.fp8_matmul(x)
+        return self.dequantized(x)
+
+    def fp8_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight, self.scale, self.bias)
+
+
+def dequantized_linear(x, weight, scale, bias=None) -> torch.Tensor:
+    y = F.linear(x, weight.to(x.dtype)) * scale  # float32: the scale adds no rounding
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype)
+
+
+def fp8_linear(x, weight, scale, bias=None) -> torch.Tensor:
+    """fp8 x fp8 with one scale per activation row: M (decode: 2-3 CFG rows) is padded to 16,
+    which `_scaled_mm` requires and a bandwidth-bound GEMV gets for free."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    m = x2.shape[0]
+    if m % 16:
+        x2 = F.pad(x2, (0, 0, 0, 16 - m % 16))
+    x32 = x2.to(torch.float32)
+    scale_a = (x32.abs().amax(dim=1, keepdim=True) / QMAX["fp8"]).clamp_(min=1e-12)  # [M, 1]
+    xq = (x32 / scale_a).clamp_(-QMAX["fp8"], QMAX["fp8"]).to(torch.float8_e4m3fn)  # row-major
+    y = torch._scaled_mm(xq, weight.t(), scale_a=scale_a, scale_b=scale.view(1, -1),  # weight.t(): column-major
+                         out_dtype=torch.bfloat16)[:m]
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype).reshape(*shape[:-1], weight.shape[0])
+
+
+MODULES = {"int8": Int8Linear, "fp8": Fp8Linear}
+
+
+def fp8_matmul_available(device: torch.device) -> bool:
+    mode = os.environ.get(FP8_MATMUL_ENV, "auto").lower()
+    if mode == "off" or device.type == "meta" or not hasattr(torch, "_scaled_mm"):
+        return False
+    if mode == "on":
+        return True
+    if device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _probe_cuda(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_cuda(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (8, 9) and probe_fp8_matmul(torch.device("cuda", index))
+
+
+def probe_fp8_matmul(device: torch.device) -> bool:
+    """The row-wise fp8 kernel exists from SM 8.9 on, but not on every build or architecture:
+    run it once on a small problem and compare with the dequantized product."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(3, 64, device=device, generator=gen).to(torch.bfloat16)
+    q, scale = quantize_weight(torch.randn(32, 64, device=device, generator=gen), "fp8")
+    try:
+        fast = fp8_linear(x, q, scale).float()
+    except (RuntimeError, NotImplementedError) as exc:
+        warnings.warn(f"fp8 matmul is not usable on {device} ({str(exc).splitlines()[0]}); fp8 weights will be "
+                      "dequantized per layer instead (slower).")
+        return False
+    ref = dequantized_linear(x.float(), q, scale)
+    err = float((fast - ref).abs().mean() / ref.abs().mean())
+    if not err < 0.1:
+        warnings.warn(f"fp8 matmul on {device} gave a relative error of {err:.3f} on a probe; fp8 weights will be "
+                      "dequantized per layer instead.")
+        return False
+    return True
+
+
+def quantize_layer(layer: nn.Module, fmt: str) -> nn.Module:
+    """Swap a decoder layer's seven Linears for 8-bit ones; each original is dropped as soon as
+    its replacement exists, so the extra memory is one matrix, not one layer."""
+    cls = MODULES[check_format(fmt)]
+    for path in LINEARS:
+        parent_name, name = path.split(".")
+        parent = getattr(layer, parent_name)
+        old = getattr(parent, name)
+        if isinstance(old, QuantLinear):
+            raise SettingsError(f"This layer is already quantized ({old.fmt}); load the full-precision weights to "
+                                f"quantize them as {fmt}.")
+        setattr(parent, name, cls.from_linear(old))
+        del old
+    return layer
+
+
+def quantize_backbone(backbone: nn.Module, fmt: str) -> nn.Module:
+    """In place, layer by layer; the LM head, embeddings, norms and projectors stay as they are."""
+    check_format(fmt)
+    for layer in backbone.layers:
+        quantize_layer(layer, fmt)
+    return backbone
+
+
+def empty_quantized_layers(backbone: nn.Module, fmt: str) -> None:
+    """Replace the seven Linears of every layer with placeholders of the right storage dtypes,
+    for `load_state_dict(assign=True)` of a pre-quantized file."""
+    cls = MODULES[check_format(fmt)]
+    for layer in backbone.layers:
+        for path in LINEARS:
+            parent_name, name = path.split(".")
+            parent = getattr(layer, parent_name)
+            old = getattr(parent, name)
+            setattr(parent, name, cls.empty(old.in_features, old.out_features, old.bias is not None,
+                                            device=old.weight.device))
+
+
+def format_of(backbone: nn.Module) -> str | None:
+    """'int8' / 'fp8' for a quantized backbone, None for full precision."""
+    first = backbone.layers[0].self_attn.q_proj if len(backbone.layers) else None
+    return first.fmt if isinstance(first, QuantLinear) else None
+
+
+def quantized_names(module: nn.Module) -> set[str]:
+    """State-dict names whose stored dtype is the data itself (8-bit weights and their scales)."""
+    return {f"{n}.{t}" if n else t for n, m in module.named_modules() if isinstance(m, QuantLinear)
+            for t in ("weight", "scale")}

@@ -1,0 +1,226 @@
+"""Pre-quantized single-file checkpoints: the 8-bit backbone, its LM head and the flow head in one
+.safetensors, so a 14B model is a ~16 GB download instead of ~30 GB.
+
+Layout: the seven decoder matrices of every layer as int8 or float8_e4m3fn [out, in] plus a
+float32 `<name>.scale` [out]; every other tensor (embeddings, norms, biases, projectors,
+`lm_head.weight`, `image_head.*`) copied byte for byte from the source checkpoint. The header
+metadata carries `nextstep_quant` (the format), `nextstep_config` (the source config.json) and
+`nextstep_variant`, so the file needs no config.json beside it. The tokenizer files and `vae/`
+are not inside: they are read from the folder the file sits in (the model folder, or a folder
+holding the file, the tokenizer files and `vae/`).
+
+The file is written tensor by tensor (never the whole model as one buffer) next to its
+destination and renamed into place, so an interrupted conversion leaves nothing half-written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+
+import torch
+
+from .errors import CheckpointError, SettingsError
+from .quant import FORMATS, format_of, quantized_names
+from .weights import INDEX, WeightIndex, data_start, safetensors_header
+
+META_FORMAT, META_CONFIG, META_VARIANT = "nextstep_quant", "nextstep_config", "nextstep_variant"
+DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8", torch.uint8: "U8",
+          torch.float8_e4m3fn: "F8_E4M3", torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL"}
+STORED = {"int8": "I8", "fp8": "F8_E4M3"}
+ARCH_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+             "vocab_size")
+MAKE_ONE = "python -m nextstep_core quantize --model MODEL_FOLDER --format int8|fp8 --out FILE.safetensors"
+
+
+def file_metadata(path: str) -> dict:
+    return safetensors_header(path).get("__metadata__") or {}
+
+
+def file_format(path: str) -> str | None:
+    """The 8-bit format a .safetensors file was written in, or None for ordinary weights."""
+    fmt = file_metadata(path).get(META_FORMAT)
+    if fmt is not None and fmt not in FORMATS:
+        raise CheckpointError(f"{path} holds weights in the format {fmt!r}, which this version does not know "
+                              f"({', '.join(FORMATS)}): update the node pack, or make the file again with "
+                              f"`{MAKE_ONE}`.")
+    return fmt
+
+
+def scan(folder: str) -> tuple[dict, bool]:
+    """-> ({format: [pre-quantized files]}, whether the folder also has ordinary weights)."""
+    found: dict[str, list] = {}
+    full = os.path.isfile(os.path.join(folder, INDEX))
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.endswith(".safetensors") and os.path.isfile(path):
+            fmt = file_format(path)
+            if fmt is None:
+                full = True
+            else:
+                found.setdefault(fmt, []).append(path)
+    return found, full
+
+
+def pick_quantized(path: str, quant: str | None) -> str | None:
+    """The pre-quantized file to load for `path`, or None to read the folder's ordinary weights.
+
+    A file path must be a pre-quantized file. In a folder, a file of the asked format wins;
+    without one, ordinary weights win (quantized while loading when `quant` is set); a folder
+    with only a pre-quantized file uses it."""
+    if os.path.isfile(path) and not path.endswith(".safetensors"):
+        return None  # the folder loaders say what such a file is
+    if os.path.isfile(path):
+        if file_format(path) is None:
+            raise CheckpointError(
+                f"{path} is not a pre-quantized NextStep file (its header has no {META_FORMAT} entry). Give the model "
+                f"folder instead (with an 8-bit format to quantize while loading), or make such a file with "
+                f"`{MAKE_ONE}`.")
+        fmt = file_format(path)
+        if quant is not None and quant != fmt:
+            raise SettingsError(f"{path} holds {fmt} weights but {quant} was asked: choose {fmt} (or none), or give "
+                                f"the full-precision model folder to quantize it as {quant} while loading.")
+        return path
+    if not os.path.isdir(path):
+        return None
+    found, full = scan(path)
+    if quant is not None and found.get(quant):
+        return _one(path, found[quant])
+    if full or not found:
+        return None
+    if quant is None and len(found) == 1:
+        return _one(path, next(iter(found.values())))
+    if quant is None:
+        names = ", ".join(os.path.basename(p) for ps in found.values() for p in ps)
+        raise CheckpointError(f"{path} holds pre-quantized files of several formats ({names}) and no full weights: "
+                              "choose the format, or give the path of the file to use.")
+    have = ", ".join(f"{os.path.basename(p)} ({f})" for f, ps in found.items() for p in ps)
+    raise SettingsError(f"{path} has no {quant} weights, only {have}, and no full-precision weights to quantize: "
+                        f"choose {' or '.join(found)}, or download the full model.")
+
+
+def _one(folder: str, files: list) -> str:
+    if len(files) > 1:
+        names = ", ".join(os.path.basename(p) for p in files)
+        raise CheckpointError(f"{folder} holds several pre-quantized files of the same format ({names}): keep one, "
+                              "or give the path of the file to use.")
+    return files[0]
+
+
+def quantized_config(path: str) -> dict:
+    meta = file_metadata(path)
+    try:
+        cfg = json.loads(meta[META_CONFIG])
+    except (KeyError, ValueError):
+        raise CheckpointError(f"{path} has no readable {META_CONFIG} entry in its header: it was not written by "
+                              f"`{MAKE_ONE}` or is damaged. Make it again.") from None
+    folder = os.path.dirname(os.path.abspath(path))
+    beside = os.path.join(folder, "config.json")
+    if os.path.isfile(beside):
+        from .config import read_json
+        other = read_json(beside)
+        if other.get("model_type") == "nextstep" or "image_placeholder_id" in other:
+            for key in ARCH_KEYS:
+                if other.get(key) is not None and cfg.get(key) != other.get(key):
+                    raise CheckpointError(
+                        f"{path} was made from a model with {key}={cfg.get(key)}, but the config.json beside it says "
+                        f"{key}={other.get(key)}: the file belongs to another NextStep model. Put it in a folder with "
+                        f"the tokenizer files of the model it was made from, or make it again from this folder with "
+                        f"`python -m nextstep_core quantize --model {folder} --format "
+                        f"{meta.get(META_FORMAT)} --out FILE.safetensors`.")
+    return cfg
+
+
+def check_stored_dtypes(path: str, index: WeightIndex, fmt: str, names) -> None:
+    """A header that says int8 while a matrix is stored in bf16 means a hand-edited or foreign file."""
+    for name in sorted(names):
+        want = "F32" if name.endswith(".scale") else STORED[fmt]
+        got = index.dtypes.get(name)
+        if got is not None and got != want:
+            raise CheckpointError(f"{path} says its weights are {fmt}, but {name} is stored as {got} (expected "
+                                  f"{want}): it was not written by `{MAKE_ONE}` or is damaged. Make it again.")
+
+
+def save_quantized(backbone, tokenizer_folder: str, out_path: str, *, lm_head: bool = True, force: bool = False) -> str:
+    """Write `backbone` (quantized) as one file. `tokenizer_folder` is the model folder it was
+    loaded from: config.json goes into the metadata and every tensor that is not 8-bit (plus the
+    LM head and the flow head) is copied from its files unchanged, whatever dtype the backbone
+    was loaded in."""
+    fmt = format_of(backbone)
+    if fmt is None:
+        raise SettingsError("This backbone is not quantized: load it with an 8-bit format (int8 or fp8) first.")
+    if os.path.exists(out_path) and not force:
+        raise SettingsError(f"{out_path} already exists; choose another name or allow overwriting "
+                            "(--force). Nothing was written.")
+    from .checkpoint import model_variant
+    from .config import read_json
+    config = read_json(os.path.join(tokenizer_folder, "config.json"))
+    source = WeightIndex(tokenizer_folder)
+    memory = backbone.state_dict()
+    quantized = quantized_names(backbone)
+    items = []
+    for name, t in memory.items():
+        if name == "lm_head.weight" and not lm_head:
+            continue
+        if name in quantized or name not in source:
+            items.append((name, DTYPES[t.dtype], tuple(t.shape), t.numel() * t.element_size(), t))
+            continue
+        if source.shapes[name] != tuple(t.shape):
+            raise CheckpointError(f"{tokenizer_folder}: {name} has shape {source.shapes[name]} there but "
+                                  f"{tuple(t.shape)} in the backbone: pass the folder the backbone was loaded from.")
+        items.append(_source_item(source, name))
+    extra = [n for n in source.keys() if n.startswith("image_head.") or (lm_head and n == "lm_head.weight")]
+    items += [_source_item(source, n) for n in sorted(extra) if n not in memory]
+    metadata = {"format": "pt", META_FORMAT: fmt, META_CONFIG: json.dumps(config, sort_keys=True),
+                META_VARIANT: model_variant(tokenizer_folder)}
+    _write_atomic(out_path, items, metadata)
+    return out_path
+
+
+def _source_item(index: WeightIndex, name: str):
+    begin, end = index.offsets[name]
+    return name, index.dtypes[name], index.shapes[name], end - begin, (index.files[name], begin)
+
+
+def _write_atomic(out_path: str, items: list, metadata: dict) -> None:
+    folder = os.path.dirname(os.path.abspath(out_path))
+    os.makedirs(folder, exist_ok=True)
+    # not named *.safetensors: a leftover from a killed conversion must never be taken for weights
+    fd, tmp = tempfile.mkstemp(prefix=".nextstep-quant-", suffix=".part", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            _write(fh, items, metadata)
+        os.replace(tmp, out_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write(fh, items: list, metadata: dict) -> None:
+    header, offset = {"__metadata__": metadata}, 0
+    for name, dtype, shape, nbytes, _ in items:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # tensor data starts 8-byte aligned, as safetensors writes it
+    fh.write(struct.pack("<Q", len(raw)))
+    fh.write(raw)
+    for _name, _dtype, _shape, nbytes, data in items:
+        if isinstance(data, torch.Tensor):
+            t = data.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            fh.write(t.numpy().data)
+        else:
+            _copy_bytes(fh, *data, nbytes)
+
+
+def _copy_bytes(fh, path: str, begin: int, nbytes: int, chunk: int = 64 << 20) -> None:
+    with open(path, "rb") as src:
+        src.seek(data_start(path) + begin)
+        while nbytes:
+            buf = src.read(min(chunk, nbytes))
+            if not buf:
+                raise CheckpointError(f"{path} ended early while copying from it: download it again.")
+            fh.write(buf)
+            nbytes -= len(buf)
