@@ -5,6 +5,7 @@ Node ids are stable (saved workflows refer to them); display names are for peopl
 from .edit import NextStepEdit
 from .generate import NextStepTextToImage
 from .loaders import NextStepBackboneLoader, NextStepFlowHeadLoader, NextStepVAELoader
+from .storyboard import NextStepStoryboard, NextStepStoryboardPanel, NextStepStoryStart
 
 NODE_CLASS_MAPPINGS = {
     "NextStepBackboneLoader": NextStepBackboneLoader,
@@ -12,6 +13,9 @@ NODE_CLASS_MAPPINGS = {
     "NextStepVAELoader": NextStepVAELoader,
     "NextStepTextToImage": NextStepTextToImage,
     "NextStepEdit": NextStepEdit,
+    "NextStepStoryboard": NextStepStoryboard,
+    "NextStepStoryStart": NextStepStoryStart,
+    "NextStepStoryboardPanel": NextStepStoryboardPanel,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -20,4 +24,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "NextStepVAELoader": "NextStep VAE Loader",
     "NextStepTextToImage": "NextStep Text to Image",
     "NextStepEdit": "NextStep Edit",
+    "NextStepStoryboard": "NextStep Storyboard",
+    "NextStepStoryStart": "NextStep Story Start",
+    "NextStepStoryboardPanel": "NextStep Storyboard Panel",
 }

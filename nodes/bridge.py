@@ -90,11 +90,10 @@ class PartHolder(torch.nn.Module):
     `model_lowvram`, ...) onto the module it holds; the engine's modules expose `device` as a
     read-only property, so they sit one level down."""
 
-    def __init__(self, part: torch.nn.Module, load_device: torch.device, offload_device: torch.device):
+    def __init__(self, part: torch.nn.Module, offload_device: torch.device):
         super().__init__()
         self.part = part
         self.device = offload_device
-        self.load_device = load_device
 
 
 def manage(part: torch.nn.Module, load_device: torch.device, offload_device: torch.device):
@@ -102,7 +101,7 @@ def manage(part: torch.nn.Module, load_device: torch.device, offload_device: tor
     patcher_mod = _module("comfy.model_patcher")
     if patcher_mod is None:
         return None
-    return patcher_mod.ModelPatcher(PartHolder(part, load_device, offload_device), load_device=load_device,
+    return patcher_mod.ModelPatcher(PartHolder(part, offload_device), load_device=load_device,
                                     offload_device=offload_device)
 
 
@@ -135,11 +134,11 @@ def same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
-def check_interrupt() -> None:
-    """Raises ComfyUI's interrupt exception when the user pressed Cancel."""
+def interrupt_check():
+    """-> a function that raises ComfyUI's interrupt exception once the user pressed Cancel (looked
+    up once per run: it is called after every image token)."""
     mm = model_management()
-    if mm is not None:
-        mm.throw_exception_if_processing_interrupted()
+    return mm.throw_exception_if_processing_interrupted if mm is not None else (lambda: None)
 
 
 def progress_bar(total: int, node_id=None):

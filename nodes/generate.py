@@ -1,8 +1,7 @@
 """NextStep Text to Image."""
 from __future__ import annotations
 
-from . import bridge, runner, settings
-from ..nextstep_core.checkpoint import attach_lm_head
+from . import runner, settings
 from ..nextstep_core.errors import SettingsError
 from ..nextstep_core.pipeline import Request
 from ..nextstep_core.presets import PRESETS
@@ -91,9 +90,6 @@ class NextStepTextToImage:
             sampling=settings.sampling(backbone, cfg=cfg, cfg_img=1.0, cfg_schedule=cfg_schedule, steps=steps,
                                        timesteps_shift=timesteps_shift, use_norm=use_norm, sampler=sampler),
             reasoning=reasoning_settings(self_cot, reasoning))
-        if request.reasoning.mode != "off" and request.reasoning.text is None:
-            attach_lm_head(backbone.module)  # read now, so ComfyUI moves and counts it with the backbone
-            bridge.resized(backbone.patcher)
         result = runner.run(backbone, flow_head, vae, request, width=int(width), height=int(height),
                             node_id=unique_id)
         text = reasoning_text(result.reasoning)

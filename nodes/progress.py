@@ -47,13 +47,12 @@ class TokenProgress:
         self.channels, self.patch = backbone.cfg.latent_channels, backbone.cfg.latent_patch_size
         self.total = grid[0] * grid[1]
         self.bar = bridge.progress_bar(self.total, node_id)
+        self.check_interrupt = bridge.interrupt_check()
         self.previews = previews and self.bar is not None
         self.next_preview = 0.0
-        self.calls = 0
 
     def __call__(self, done: int, total: int, tokens: torch.Tensor) -> None:
-        self.calls += 1
-        bridge.check_interrupt()
+        self.check_interrupt()
         if self.bar is None:
             return
         preview = None

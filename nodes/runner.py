@@ -5,7 +5,7 @@ from __future__ import annotations
 from . import bridge
 from .progress import TokenProgress
 from .sockets import BACKBONE, FLOW_HEAD, VAE, LoadedPart, label
-from ..nextstep_core.checkpoint import check_compatible
+from ..nextstep_core.checkpoint import attach_lm_head, check_compatible
 from ..nextstep_core.errors import SettingsError
 from ..nextstep_core.pipeline import NextStepPipeline, Request, Result
 from ..nextstep_core.prompts import cfg_mult_for
@@ -56,8 +56,11 @@ def run(backbone: LoadedPart, flow_head: LoadedPart, vae: LoadedPart, request: R
     rows = batch * cfg_mult_for(s.cfg, s.cfg_img, editing)
     tokens = grid[0] * grid[1]
     think = request.reasoning
-    extra = tokens if editing else 0
-    extra += think.max_tokens if think.mode != "off" and think.text is None else 0
+    writes_text = think.mode != "off" and think.text is None
+    if writes_text:
+        attach_lm_head(bb)  # read now, so ComfyUI moves and counts it with the rest of the backbone
+        bridge.resized(backbone.patcher)
+    extra = (tokens if editing else 0) + (think.max_tokens if writes_text else 0)
     bridge.load_to_device([backbone.patcher, flow_head.patcher, vae.patcher],
                           memory_required(backbone, vae, rows, tokens, extra))
     pipeline = NextStepPipeline(bb, backbone.tokenizer, flow_head.module, vae.module)

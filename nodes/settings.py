@@ -27,7 +27,7 @@ def bucket_list(base: int = 512) -> str:
 def model_inputs() -> dict:
     return {
         "backbone": (BACKBONE, {"tooltip": "From NextStep Backbone Loader."}),
-        "flow_head": (FLOW_HEAD, {"tooltip": "From NextStep Flow Head Loader (the same model folder as the backbone)."}),
+        "flow_head": (FLOW_HEAD, {"tooltip": "From NextStep Flow Head Loader (same model folder as the backbone)."}),
         "vae": (VAE, {"tooltip": "From NextStep VAE Loader."}),
     }
 

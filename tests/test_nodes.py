@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from host_stand_in import OFFICIAL_FIXTURE, PACK_NAME, ROOT, Host, Interrupted, host, models_dir, pack  # noqa: F401
+from host_stand_in import OFFICIAL_FIXTURE, ROOT, Host, Interrupted, host, models_dir, pack  # noqa: F401
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 T2I_WIDGETS = ["prompt", "positive_prompt", "negative_prompt", "width", "height", "cfg", "steps", "timesteps_shift",
@@ -20,7 +20,8 @@ EDIT_WIDGETS = ["instruction", "positive_prompt", "negative_prompt", "fit", "siz
                 "timesteps_shift", "use_norm", "sampler", "cfg_schedule", "seed"]
 DISPLAY = {"NextStepTextToImage": "NextStep Text to Image", "NextStepEdit": "NextStep Edit",
            "NextStepVAELoader": "NextStep VAE Loader", "NextStepBackboneLoader": "NextStep Backbone Loader",
-           "NextStepFlowHeadLoader": "NextStep Flow Head Loader"}
+           "NextStepFlowHeadLoader": "NextStep Flow Head Loader", "NextStepStoryboard": "NextStep Storyboard",
+           "NextStepStoryStart": "NextStep Story Start", "NextStepStoryboardPanel": "NextStep Storyboard Panel"}
 FAST = dict(steps=2)
 
 
@@ -105,8 +106,10 @@ def test_pack_imports_without_comfyui():
 def test_declarations_are_well_formed(pack, request, with_host):
     if with_host:
         request.getfixturevalue("host")
-    assert set(pack.NODE_CLASS_MAPPINGS) == set(DISPLAY)
-    assert pack.NODE_DISPLAY_NAME_MAPPINGS == DISPLAY
+    assert set(DISPLAY) <= set(pack.NODE_CLASS_MAPPINGS)
+    assert {k: pack.NODE_DISPLAY_NAME_MAPPINGS[k] for k in DISPLAY} == DISPLAY
+    assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == set(pack.NODE_CLASS_MAPPINGS)
+    assert all(k.startswith("NextStep") for k in pack.NODE_CLASS_MAPPINGS)
     for node_id, cls in pack.NODE_CLASS_MAPPINGS.items():
         assert cls.CATEGORY == "NextStep" or cls.CATEGORY.startswith("NextStep/"), node_id
         assert isinstance(cls.DESCRIPTION, str) and len(cls.DESCRIPTION) > 40, node_id
