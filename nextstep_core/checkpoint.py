@@ -95,13 +95,14 @@ def model_variant(folder: str) -> str:
 
 
 def load_backbone(folder: str, device="cpu", dtype=torch.float32, with_lm_head: bool = False,
-                  quant: str | None = None):
+                  quant: str | None = None, ops=torch.nn):
     """-> (Backbone, NextStepTokenizer). `lm_head` (1.5 GB at 14B) is read only for text generation.
 
     `quant` ('int8' / 'fp8') quantizes the decoder layers while loading, one layer at a time, so
     the full-precision model never sits in memory whole. `folder` may also be a pre-quantized
     file (see quant_file.py) or a folder holding one; its tokenizer is read from the file's folder.
-    `dtype` is the compute dtype: everything that is not 8-bit is cast to it."""
+    `dtype` is the compute dtype: everything that is not 8-bit is cast to it. `ops` supplies the layer
+    classes (Linear, Embedding), so a host can substitute its own (e.g. ComfyUI's weight-streaming ops)."""
     if quant is not None:
         check_device(check_format(quant), device)
     qfile = pick_quantized(folder, quant)
@@ -117,7 +118,7 @@ def load_backbone(folder: str, device="cpu", dtype=torch.float32, with_lm_head: 
     cfg = backbone_config(cfg_json, o_bias="layers.0.self_attn.o_proj.bias" in index)
     _check_ids(cfg, tok, folder)
     with torch.device("meta"):
-        model = Backbone(cfg, with_lm_head=False, placeholder_id=tok.placeholder_id)
+        model = Backbone(cfg, with_lm_head=False, placeholder_id=tok.placeholder_id, ops=ops)
     if quant is None:
         index.load_into(model, "", device, dtype)
     else:
@@ -201,7 +202,7 @@ def _check_ids(cfg, tok: NextStepTokenizer, folder: str) -> None:
         raise CheckpointError(f"{folder}: the tokenizer has {len(tok)} tokens but the model only {cfg.vocab_size}.")
 
 
-def load_flow_head(folder: str, device="cpu", dtype=torch.float32) -> FlowHead:
+def load_flow_head(folder: str, device="cpu", dtype=torch.float32, ops=torch.nn) -> FlowHead:
     """From a model folder, or from a pre-quantized file (which carries the head unchanged)."""
     qfile = pick_quantized(folder, None)
     if qfile is not None:
@@ -212,7 +213,7 @@ def load_flow_head(folder: str, device="cpu", dtype=torch.float32) -> FlowHead:
         raise CheckpointError(f"{folder} has no flow head (image_head.*) weights.")
     token_dim = index.shapes[HEAD_PREFIX + "net.input_proj.weight"][1]
     with torch.device("meta"):
-        head = FlowHead(flow_head_config(cfg_json, token_dim))
+        head = FlowHead(flow_head_config(cfg_json, token_dim), ops)
     index.load_into(head, HEAD_PREFIX, device, dtype)
     return head.eval().requires_grad_(False)
 
@@ -259,8 +260,16 @@ def load_vae(path: str, device="cpu", dtype=torch.float32) -> NextStepVAE:
         some = ", ".join(list(state)[:3])
         raise CheckpointError(f"{weights} is not a NextStep/Flux-layout VAE (keys start {some}). Use the "
                               "vae/checkpoint.pt of a NextStep repo.")
-    cfg = VAEConfig.from_json(cfg_json or {})
-    if cfg_json is None and state["encoder.conv_out.weight"].shape[0] != 2 * cfg.z_channels:
+    if cfg_json is None:
+        # A bare file: assume the released NextStep tokenizer's config, channel norm included. (Flux's
+        # ae.safetensors has the same layout but other weights and latent scaling: it cannot be told
+        # apart by shapes, so the loaders' help says to use the NextStep repo's vae/.)
+        import warnings
+        warnings.warn(f"{weights} has no config.json beside it: assuming the NextStep-1 VAE config "
+                      "(encoder_norm on, scale 1, shift 0).")
+        cfg_json = {"encoder_norm": True}
+    cfg = VAEConfig.from_json(cfg_json)
+    if state["encoder.conv_out.weight"].shape[0] != 2 * cfg.z_channels:
         raise CheckpointError(f"{weights} has no config.json next to it and is not the standard NextStep VAE.")
     with torch.device("meta"):
         vae = NextStepVAE(cfg)

@@ -103,7 +103,9 @@ class NextStepPipeline:
         return prompts, fitted
 
     @torch.inference_mode()
-    def run(self, req: Request, callback: Optional[TokenCallback] = None) -> Result:
+    def run(self, req: Request, callback: Optional[TokenCallback] = None, text_callback=None) -> Result:
+        """`callback(done, total, tokens)` after every image token; `text_callback(done, limit)` after
+        every Self-CoT text token. Either may raise to cancel."""
         validate(req)
         s = req.sampling
         bb, dev = self.backbone, self.device
@@ -129,7 +131,7 @@ class NextStepPipeline:
             image_tokens = self._encode_edit_images(fitted, req.images_per_prompt, rows, noise, s.exact)
         try:
             if think.mode != "off" and think.text is None:
-                cache, hidden, texts = self._prefill_with_reasoning(req, prompts, grid, n_tokens)
+                cache, hidden, texts = self._prefill_with_reasoning(req, prompts, grid, n_tokens, text_callback)
             else:
                 embeds = bb.embed(rows.input_ids.to(dev), image_tokens)
                 cache = bb.new_cache(embeds.shape[0], embeds.shape[1] + n_tokens)
@@ -144,7 +146,7 @@ class NextStepPipeline:
                 "or batch, a lower-memory weight dtype, or free VRAM (other loaded models).") from None
         return Result(images, tokens.cpu(), rows, grid, texts)
 
-    def _prefill_with_reasoning(self, req: Request, prompts, grid, n_tokens):
+    def _prefill_with_reasoning(self, req: Request, prompts, grid, n_tokens, text_callback=None):
         """Conditional rows: caption, span opening, generated text, span closing; then the
         unconditional rows are prefilled right-aligned to the same end, and all rows continue
         with the image prefix. One cache, nothing prefilled twice."""
@@ -168,7 +170,8 @@ class NextStepPipeline:
         cv = cache.rows(0, len(cond))
         cv.length = front
         hidden = bb.prefill(bb.embed(cond_ids.to(dev)), cond_mask.to(dev), cv, kv(cv, lc))[:, -1]
-        ids = generate_reasoning(bb, tok, cv, hidden, think, make_generator(req.seed ^ 0x5EED5EED), s.exact)
+        ids = generate_reasoning(bb, tok, cv, hidden, think, make_generator(req.seed ^ 0x5EED5EED), s.exact,
+                                 text_callback)
         end = cv.length
         if unc is not None:
             uv = cache.rows(len(cond), total_rows)

@@ -61,10 +61,12 @@ def _pick(logits: torch.Tensor, s: ReasoningSettings, gen: torch.Generator) -> t
 
 @torch.inference_mode()
 def generate_reasoning(bb: Backbone, tok: NextStepTokenizer, cache: StaticKVCache, hidden: torch.Tensor,
-                       s: ReasoningSettings, gen: torch.Generator, kv_exact: bool = False) -> list[list[int]]:
+                       s: ReasoningSettings, gen: torch.Generator, kv_exact: bool = False,
+                       on_token=None) -> list[list[int]]:
     """Write the span on `cache` (the conditional rows only), starting from `hidden` [rows, H], the
     state after the span's opening token. Every row ends with the closing token in the cache;
-    rows that close early get masked slots while the others go on. Returns each row's text ids."""
+    rows that close early get masked slots while the others go on. Returns each row's text ids.
+    `on_token(i, max_tokens)` runs after every text token (progress, Cancel)."""
     close_id = tok.id_of(s.span(tok)[1])
     rows = hidden.shape[0]
     dev = hidden.device
@@ -83,6 +85,8 @@ def generate_reasoning(bb: Backbone, tok: NextStepTokenizer, cache: StaticKVCach
                 out[r].append(t)
         hidden = bb.step(bb.embed(nxt[:, None]), cache, None if kv_exact else cache.length + 1, valid=active)[:, -1]
         done = done | (nxt == close_id)
+        if on_token is not None:
+            on_token(i + 1, s.max_tokens)
         if bool(done.all()):
             break
     return out

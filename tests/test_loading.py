@@ -132,3 +132,23 @@ def test_parts_from_different_models_are_refused_when_they_meet(tiny_model, tmp_
     bb, tok = load_backbone(tiny_model)
     with pytest.raises(CheckpointError, match="same model folder"):
         NextStepPipeline(bb, tok, load_flow_head(other), load_vae(tiny_model))
+
+
+def test_layers_are_built_through_an_injectable_ops_namespace(tiny_model):
+    """A host (ComfyUI) can hand in its own layer classes, as its own models are built."""
+    import types
+    from nextstep_core.checkpoint import load_flow_head
+
+    made = []
+
+    class CountingLinear(torch.nn.Linear):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    ops = types.SimpleNamespace(Linear=CountingLinear, Embedding=torch.nn.Embedding)
+    bb, _ = load_backbone(tiny_model, ops=ops)
+    head = load_flow_head(tiny_model, ops=ops)
+    assert isinstance(bb.layers[0].self_attn.q_proj, CountingLinear)
+    assert isinstance(head.net.input_proj, CountingLinear)
+    assert len(made) == 7 * len(bb.layers) + 2 + sum(1 for m in head.modules() if isinstance(m, CountingLinear))

@@ -104,3 +104,23 @@ def test_bad_reasoning_settings(tiny_pipeline):
         tiny_pipeline.run(req(ReasoningSettings(mode="dream")))
     with pytest.raises(SettingsError, match="max tokens"):
         tiny_pipeline.run(req(ReasoningSettings(mode="think", max_tokens=0)))
+
+
+def test_reasoning_reports_each_text_token_and_can_be_cancelled(tiny_pipeline):
+    from nextstep_core.errors import Cancelled
+    seen = []
+
+    def on_text(done, limit):
+        seen.append((done, limit))
+        if done == 2:
+            raise Cancelled("stop")
+
+    bb, tok = tiny_pipeline.backbone, tiny_pipeline.tokenizer
+    old = bb.lm_head
+    try:
+        bb.lm_head = _Fixed(bb.cfg.vocab_size, tok.encode("a")[0])
+        with pytest.raises(Cancelled):
+            tiny_pipeline.run(req(ReasoningSettings(mode="think", max_tokens=5)), text_callback=on_text)
+    finally:
+        bb.lm_head = old
+    assert seen == [(1, 5), (2, 5)]
