@@ -36,6 +36,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--gpu-layers", type=int,
+                   help="low-VRAM mode: keep this many decoder layers on the GPU and stream the rest from RAM "
+                        "every token (slow; the cost per token is printed)")
     p.add_argument("--quant", choices=list(FORMATS),
                    help="8-bit backbone weights (about half the memory): quantized while loading a full-precision "
                         "folder, or read from a pre-quantized .safetensors (see `quantize`)")
@@ -144,6 +147,11 @@ def run_generation(args) -> int:
     dtype = resolve_dtype(args.dtype, device)
     t0 = time.perf_counter()
     backbone, tok = load_backbone(model, device, dtype, quant=args.quant)
+    if args.gpu_layers is not None:
+        from .offload import stream_layers
+        streamer = stream_layers(backbone, args.gpu_layers)
+        if streamer is not None and not args.quiet:
+            print(f"low-VRAM mode: {streamer.plan.describe()}", file=sys.stderr)
     pipe = NextStepPipeline(backbone, tok, load_flow_head(model, device, dtype), load_vae(args.vae or model, device, dtype))
     load_s = time.perf_counter() - t0
     editing = args.command == "edit"
