@@ -81,11 +81,11 @@ class Storyboard:
         return left_pad(tok, [lead + tok.encode(t) for t in texts], image_prefix(tok, grid))
 
     def needed_length(self, ctx: StoryContext, prompt: str, width: int, height: int, positive: str = "") -> int:
-        grid = self._grid(width, height)
+        grid = self.grid(width, height)
         ids, _ = self._panel_ids(ctx, prompt, positive, grid)
         return ctx.length + ids.shape[1] + grid[0] * grid[1]
 
-    def _grid(self, width, height):
+    def grid(self, width, height):
         check_size(width, height)
         p = self.pipe.backbone.cfg.latent_patch_size * self.pipe.vae.cfg.down_factor
         return height // p, width // p
@@ -100,7 +100,7 @@ class Storyboard:
         if (sampling.cfg != 1.0) != (ctx.cfg_mult == 2):
             raise SettingsError("A story keeps one CFG layout: use cfg 1 for all panels or cfg > 1 for all panels.")
         bb, dev = self.pipe.backbone, self.pipe.device
-        grid = self._grid(width, height)
+        grid = self.grid(width, height)
         ids, mask = self._panel_ids(ctx, prompt, positive, grid)
         n = grid[0] * grid[1]
         need = ctx.length + ids.shape[1] + n

@@ -13,7 +13,9 @@ from ..nextstep_core.prompts import cfg_mult_for
 PROMPT_TOKENS = 512  # a generous prompt length for the memory estimate
 
 
-def _check_parts(backbone, flow_head, vae) -> None:
+def check_parts(backbone, flow_head, vae) -> None:
+    """Raises SettingsError (naming the loader to connect) unless the three inputs are a backbone,
+    a flow head and a VAE that fit together and are set to the same device."""
     for value, kind, node in ((backbone, BACKBONE, "NextStep Backbone Loader"),
                               (flow_head, FLOW_HEAD, "NextStep Flow Head Loader"),
                               (vae, VAE, "NextStep VAE Loader")):
@@ -46,7 +48,7 @@ def run(backbone: LoadedPart, flow_head: LoadedPart, vae: LoadedPart, request: R
         height: int, node_id=None) -> Result:
     """`width`/`height`: the output size, known before the run (edits: the fitted input size,
     which is also the size of the image tokens in the prompt)."""
-    _check_parts(backbone, flow_head, vae)
+    check_parts(backbone, flow_head, vae)
     bb = backbone.module
     p = bb.cfg.latent_patch_size * vae.module.cfg.down_factor
     grid = (height // p, width // p)

@@ -101,10 +101,10 @@ def add_panel(state: StoryState, prompt: str, seed: int, node_id=None) -> tuple[
         image = runner.run(backbone, flow_head, vae, req, width=state.width, height=state.height,
                            node_id=node_id).images
         return image, replace(state, last_image=image, panels=state.panels + 1)
-    runner._check_parts(backbone, flow_head, vae)
+    runner.check_parts(backbone, flow_head, vae)
     pipe = NextStepPipeline(backbone.module, backbone.tokenizer, flow_head.module, vae.module)
     board = Storyboard(pipe)
-    grid = board._grid(state.width, state.height)
+    grid = board.grid(state.width, state.height)
     tokens = grid[0] * grid[1]
     bridge.load_to_device([backbone.patcher, flow_head.patcher, vae.patcher],
                           runner.memory_required(backbone, vae, state.context.cfg_mult, tokens,

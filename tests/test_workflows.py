@@ -1,7 +1,9 @@
 """Every example workflow checked against the node definitions the way the editor and ComfyUI
 read it: node types exist (here or in core), widget values line up with INPUT_TYPES by position
 (seed widgets carry an extra control_after_generate value), links join matching types, every
-required socket is connected; then the graph is run on tiny checkpoints."""
+required socket is connected, nodes do not overlap; then the graph is run on tiny checkpoints.
+The storyboard example is also checked for what it teaches: its chain of panels makes the same
+images as the single storyboard node beside it."""
 from __future__ import annotations
 
 import inspect
@@ -26,6 +28,10 @@ CORE = {
     "MarkdownNote": ([], ["text"], []),
 }
 UI_ONLY = {"Note", "MarkdownNote"}
+MODES = {0: "always", 2: "never (muted)", 4: "bypass"}
+TITLE_HEIGHT = 30  # LiteGraph draws the title bar above a node's pos
+PREVIEW_ROOM = 200  # how far a node grows when its live preview arrives (about 170-200 px in frontend 1.49)
+STORY_NODES = ("NextStepStoryStart", "NextStepStoryboardPanel", "NextStepStoryboard")
 FAST = {"width": 64, "height": 64, "size": 64, "steps": 2}  # run-time overrides: the checks use the file's values
 
 
@@ -125,6 +131,41 @@ def test_workflow_matches_the_node_definitions(pack, host, workflow):
         assert d_in["link"] == lid and lid in (s_out["links"] or []), f"link {lid} is not recorded on its nodes"
 
 
+def box(node):
+    """(left, top, right, bottom) on the canvas, title bar included."""
+    (x, y), (w, h) = node["pos"], node["size"]
+    return x, y - TITLE_HEIGHT, x + w, y + h
+
+
+def test_workflow_layout(pack, workflow):
+    """No node covers another, nor the room a node with a live preview grows into; every node lies
+    inside or outside each group (never across its edge); a muted node only feeds muted nodes
+    (otherwise the editor queues a node with a missing input)."""
+    wf = load(workflow)
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    boxes = {i: box(n) for i, n in nodes.items()}
+    previews = {t for t, cls in pack.NODE_CLASS_MAPPINGS.items() if "unique_id" in cls.INPUT_TYPES().get("hidden", {})}
+    for i, n in nodes.items():
+        if n["type"] in previews:
+            l, t, r, b = boxes[i]
+            boxes[i] = (l, t, r, b + PREVIEW_ROOM)
+    for i, a in boxes.items():
+        assert nodes[i]["mode"] in MODES, f"{workflow.name} node {i}: mode {nodes[i]['mode']}"
+        for j, b in boxes.items():
+            if i < j:
+                overlap = a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+                assert not overlap, f"{workflow.name}: nodes {i} and {j} overlap ({a} and {b})"
+    for g in wf.get("groups", []):
+        gx, gy, gw, gh = g["bounding"]
+        for i, (l, t, r, b) in boxes.items():
+            inside = gx <= l and r <= gx + gw and gy <= t and b <= gy + gh
+            outside = r <= gx or gx + gw <= l or b <= gy or gy + gh <= t
+            assert inside or outside, f"{workflow.name}: node {i} lies across the edge of group {g['title']!r}"
+    for _lid, src, _slot, dst, _dslot, _typ in wf["links"]:
+        if nodes[src]["mode"] == 2:
+            assert nodes[dst]["mode"] == 2, f"{workflow.name}: muted node {src} feeds node {dst}, which is not muted"
+
+
 def test_workflow_has_a_download_note_and_a_thumbnail(workflow):
     notes = [n["widgets_values"][0] for n in load(workflow)["nodes"] if n["type"] in UI_ONLY]
     assert any("https://huggingface.co/stepfun-ai/" in t and "models/nextstep/" in t for t in notes), workflow.name
@@ -199,3 +240,47 @@ def test_workflow_runs_on_tiny_checkpoints(pack, host, workflow):
     assert saved, "the workflow saves nothing"
     for images in saved.values():
         assert images.ndim == 4 and images.shape[-1] == 3 and images.dtype == torch.float32
+
+
+def storyboard_parts(wf):
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    links = {l[0]: l for l in wf["links"]}
+    by_type = {t: [n for n in wf["nodes"] if n["type"] == t] for t in STORY_NODES}
+    (start,), (single,) = by_type["NextStepStoryStart"], by_type["NextStepStoryboard"]
+    chain, node = [], start
+    while True:  # follow the story sockets from Story Start
+        out = next(o for o in node["outputs"] if o["type"] == "NEXTSTEP_STORY")
+        nxt = [nodes[links[lid][3]] for lid in out["links"] or []]
+        if not nxt:
+            break
+        (node,) = nxt
+        chain.append(node)
+    assert {n["id"] for n in chain} == {n["id"] for n in by_type["NextStepStoryboardPanel"]}
+    return nodes, links, start, chain, single
+
+
+def test_storyboard_example_shows_the_chain_and_the_single_node():
+    wf = load(ROOT / "workflows" / "nextstep_storyboard.json")
+    _nodes, _links, start, chain, single = storyboard_parts(wf)
+    assert len(chain) == 4
+    seed = single["widgets_values"][-2]
+    assert [p["widgets_values"][1:] for p in chain] == [[seed + i, "fixed"] for i in range(4)]
+    assert single["widgets_values"][-1] == "fixed"
+    assert single["widgets_values"][0].splitlines() == [p["widgets_values"][0] for p in chain]
+    assert single["widgets_values"][1:-2] == start["widgets_values"]  # style .. mode: the same settings
+    assert single["mode"] == 2 and all(n["mode"] == 0 for n in [start] + chain)
+
+
+def test_storyboard_example_chain_equals_the_single_node(pack, host):
+    """Run with the muted single node switched on: the four saved panels and its batch match."""
+    wf = load(ROOT / "workflows" / "nextstep_storyboard.json")
+    nodes, links, _start, chain, single = storyboard_parts(wf)
+    for n in wf["nodes"]:
+        n["mode"] = 0
+    saved = run_prompt(pack, to_api(pack, wf))
+    save_of = {src: dst for _lid, src, _s, dst, _d, typ in links.values()
+               if typ == "IMAGE" and nodes[dst]["type"] in ("SaveImage", "PreviewImage")}
+    panels = torch.cat([saved[str(save_of[p["id"]])] for p in chain])
+    board = saved[str(save_of[single["id"]])]
+    assert board.shape == panels.shape == (4, FAST["height"], FAST["width"], 3)
+    assert torch.equal(board, panels)
