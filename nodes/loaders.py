@@ -15,6 +15,7 @@ from ..nextstep_core.devices import resolve_dtype
 CATEGORY = "NextStep/loaders"
 DTYPES = ["auto", "bf16", "fp16", "fp32"]
 DEVICES = ["auto", "cpu"]
+WEIGHTS = ["full", "int8", "fp8"]
 
 
 def _common_inputs(what: str, auto_note: str) -> dict:
@@ -57,16 +58,25 @@ class NextStepBackboneLoader:
                 "(config.json, model*.safetensors, tokenizer files). NextStep-1-Large* and NextStep-1.1* for "
                 "text to image, NextStep-1-Large-Edit for editing.")}),
             **_common_inputs("backbone", "bf16 needs about 28 GB (14B models), fp32 twice that."),
+            "weights": (WEIGHTS, {"default": "full", "tooltip": (
+                "full: the weights as downloaded (in dtype). int8 / fp8: the decoder's matrices in 8 bits, "
+                "about 14 GB instead of 28 GB at 14B, quantized while loading (or read from a pre-quantized "
+                "file of that format in the folder, made with `python -m nextstep_core quantize`). int8 works on "
+                "every GPU and is the closer to full; fp8 uses fp8 matmuls on Ada/Hopper GPUs.")}),
         }}
 
     @classmethod
     def VALIDATE_INPUTS(cls, model_name):
         return model_folders.check(model_name, "model")
 
-    def load(self, model_name, dtype, device):
+    def load(self, model_name, dtype, device, weights="full"):
+        if weights not in WEIGHTS:
+            from ..nextstep_core.errors import SettingsError
+            raise SettingsError(f"weights={weights!r}; choose one of {', '.join(WEIGHTS)}.")
         path = model_folders.resolve_model(model_name)
         load_dev, park_dev, dt = _target(dtype, device)
-        backbone, tokenizer = load_backbone(path, device=park_dev, dtype=dt)
+        backbone, tokenizer = load_backbone(path, device=park_dev, dtype=dt,
+                                            quant=None if weights == "full" else weights)
         return (_part(BACKBONE, model_name, path, backbone, load_dev, park_dev, tokenizer=tokenizer,
                       variant=model_variant(path)),)
 
