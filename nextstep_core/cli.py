@@ -36,6 +36,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the flow-head step (inductor; optional, first token pays the compile time)")
     p.add_argument("--gpu-layers", type=int,
                    help="low-VRAM mode: keep this many decoder layers on the GPU and stream the rest from RAM "
                         "every token (slow; the cost per token is printed)")
@@ -163,7 +165,7 @@ def run_generation(args) -> int:
         cfg=pick(args.cfg, "cfg"), cfg_img=pick(getattr(args, "cfg_img", None), "cfg_img") if editing else 1.0,
         cfg_schedule=pick(args.cfg_schedule, "cfg_schedule"), steps=pick(args.steps, "steps"),
         shift=pick(args.shift, "shift"), use_norm=pick(args.use_norm, "use_norm"), sampler=pick(args.sampler, "sampler"),
-        exact=args.exact)
+        exact=args.exact, compile="inductor" if args.compile else None)
     req = Request(prompts=args.prompt, positive=pick(args.positive, "positive"), negative=pick(args.negative, "negative"),
                   width=args.width if args.width or not editing else None,
                   height=args.height if args.height or not editing else None,

@@ -35,6 +35,7 @@ class SamplingSettings:
     sampler: str = "nextstep1"
     exact: bool = False  # bit-parity with the reference (full-cache attention, per-step adaLN GEMMs)
     cuda_graphs: str = "auto"  # auto: capture the per-token step on CUDA, eager elsewhere; on; off
+    compile: Optional[str] = None  # a torch.compile backend for the flow-head step ("inductor"); off by default
 
 
 class TokenLoop:
@@ -42,6 +43,9 @@ class TokenLoop:
 
     def __init__(self, backbone: Backbone, head: FlowHead, settings: SamplingSettings):
         self.bb, self.head, self.s = backbone, head, settings
+        if settings.compile:
+            # optional and never required: the eager step is the reference, compiling only fuses it
+            self.sample_token = torch.compile(self.sample_token, backend=settings.compile, dynamic=False)
 
     def _kv(self, cache: StaticKVCache, extra: int) -> Optional[int]:
         return None if self.s.exact else cache.length + extra

@@ -53,3 +53,11 @@ def test_cuda_graph_replay_equals_eager_on_gpu(tiny_model):
     base = dict(steps=4, cfg=4.0, exact=True)
     req = lambda mode: Request(["x"], 64, 64, seed=3, sampling=SamplingSettings(cuda_graphs=mode, **base))
     torch.testing.assert_close(pipe.run(req("on")).tokens, pipe.run(req("off")).tokens, atol=1e-5, rtol=0)
+
+
+def test_torch_compile_of_the_head_step_is_optional_and_exact(tiny_pipeline):
+    """Traced by dynamo (the cheap 'eager' backend here; users pick inductor): same tokens."""
+    base = dict(steps=2, cfg=3.0, exact=True)
+    req = lambda **k: Request(["x"], 32, 32, seed=4, sampling=SamplingSettings(**base, **k))
+    torch.testing.assert_close(tiny_pipeline.run(req(compile="eager")).tokens, tiny_pipeline.run(req()).tokens,
+                               atol=1e-6, rtol=0)
