@@ -56,7 +56,8 @@ class TokenProgress:
         if self.bar is None:
             return
         preview = None
-        if self.previews and done < total and time.monotonic() >= self.next_preview:
+        # the last token always gets a preview, so a finished node does not keep a half-grey picture
+        if self.previews and (done == total or time.monotonic() >= self.next_preview):
             started = time.monotonic()
             image = partial_image(self.vae, tokens[0], done, self.grid, self.channels, self.patch)
             cost = time.monotonic() - started

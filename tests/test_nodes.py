@@ -240,6 +240,7 @@ def test_text_to_image_end_to_end(pack, host):
     assert {(t, n) for _v, t, _p, n in host.progress} == {(16, "12")}
     kind, image, size = host.previews()[0]
     assert kind == "JPEG" and image.size == (64, 64) and size == 512
+    assert host.progress[-1][2] is not None  # the finished picture is the last preview, not a half-grey one
     # the node adds nothing of its own to the engine's image
     core = pack.nextstep_core
     pipe = core.pipeline.NextStepPipeline(parts[0].module, parts[0].tokenizer, parts[1].module, parts[2].module)
