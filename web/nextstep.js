@@ -1,7 +1,8 @@
 // ComfyUI graph-editor extension for the NextStep nodes:
 //  - aspect presets (the official training buckets) that set width/height, width/height snapped
 //    to multiples of 16, and the image-token cost of the size shown under the widgets;
-//  - a live status line while a NextStep node runs: tokens done/total, tokens/s, ETA;
+//  - a live status line while a NextStep node runs: tokens done/total, tokens/s, ETA (on the
+//    storyboard node also the panel it draws, and an ETA for all its panels);
 //  - the Self-CoT reasoning of the last run on the text-to-image node (selectable, copyable,
 //    saved with the workflow in node.properties);
 //  - a storyboard panel editor (one row per panel) that writes the node's own `panels` text.
@@ -13,11 +14,14 @@ const EXTENSION = "nextstep.ui";
 const TAG = "[NextStep]";
 
 // What each node gets. size: "wh" (width/height + aspect presets) or "base" (the edit node's
-// base-size hint); count: the widget whose value multiplies the token cost.
+// base-size hint), none for a node without a size line; count: the widget whose value multiplies
+// the token cost; per: the cost is shown "per <per>" (Story Start cannot know how many panels
+// follow it); run: false for a node without a run line (Story Start samples nothing).
 const KINDS = {
   NextStepTextToImage: { size: "wh", count: "batch_size", unit: "images", reasoning: true },
   NextStepEdit: { size: "base" },
   NextStepStoryboard: { size: "wh", panels: true, unit: "panels" },
+  NextStepStoryStart: { size: "wh", per: "panel", run: false },
   NextStepStoryboardPanel: {},
 };
 
@@ -269,10 +273,15 @@ class NodeUI {
     const box = el("div", "nextstep-status");
     this.sizeLine = el("div", "ns-size");
     this.runLine = el("div", "ns-run");
-    box.append(this.sizeLine, this.runLine);
-    // two lines, the run line reserved even when idle, so a run never resizes the node
+    // the lines this node has: the size line where it has a size, the run line where it samples;
+    // the run line is reserved even when idle, so a run never resizes the node
+    const lines = [];
+    if (this.kind.size) lines.push(this.sizeLine);
+    if (this.kind.run !== false) lines.push(this.runLine);
+    box.append(...lines);
+    const height = 4 + 19 * lines.length;
     this.status = addPanelWidget(this.node, "nextstep_status", box, {
-      margin: 3, getMinHeight: () => 42, getMaxHeight: () => 42,
+      margin: 3, getMinHeight: () => height, getMaxHeight: () => height,
     });
     this.track(this.status);
   }
@@ -284,7 +293,7 @@ class NodeUI {
       const w = this.width.value;
       const h = this.height.value;
       const count = kind.panels ? Math.max(1, this.rows?.length ?? 1) : Number(this.widget(kind.count)?.value ?? 1);
-      return L.sizeSummary(w, h, { count, unit: kind.unit, preset: L.matchPreset(w, h, this.base) });
+      return L.sizeSummary(w, h, { count, unit: kind.unit, per: kind.per, preset: L.matchPreset(w, h, this.base) });
     }
     if (kind.size === "base" && this.sizeWidget) {
       const s = Number(this.sizeWidget.value);
@@ -299,6 +308,9 @@ class NodeUI {
     const stats = L.progressStats(this.tracker, now);
     const end = this.finishedAt ?? now;
     const elapsed = this.startedAt === null ? null : (end - this.startedAt) / 1000;
+    if (this.kind.panels) {
+      return L.storyboardStatusText(this.phase, L.storyboardStats(this.tracker, this.runPanels, now), elapsed);
+    }
     return L.statusText(this.phase, stats, elapsed);
   }
 
@@ -339,7 +351,7 @@ class NodeUI {
 
   /** Subscribe to the server's execution messages (once; again after unlisten()). */
   listen() {
-    if (this.listeners.length) return;
+    if (this.listeners.length || this.kind.run === false) return;
     this.on("executing", (detail) => {
       const id = detail && typeof detail === "object" ? detail.node : detail;
       if (this.isMe(id)) this.start();
@@ -363,7 +375,16 @@ class NodeUI {
     });
   }
 
+  /** How many panels the storyboard was queued with: its panels text (blank lines skipped, as
+   *  the node does), or null when a link provides them. */
+  queuedPanels() {
+    const raw = this.widget("panels");
+    if (!raw || isLinked(this.node, "panels")) return null;
+    return L.panelsFromText(raw.value).length || null;
+  }
+
   start() {
+    if (this.kind.panels) this.runPanels = this.queuedPanels();
     this.phase = "starting";
     this.tracker = L.newTracker();
     this.startedAt = performance.now();

@@ -101,11 +101,14 @@ export function formatCount(n) {
 }
 
 /** The cost line under the size widgets: "512×512 · 32×32 grid · 1,024 tokens", with
- *  "× 4 = 4,096 tokens" for several images (batch or panels) and the preset it matches. */
-export function sizeSummary(width, height, { count = 1, unit = "images", preset = null } = {}) {
-  const per = tokenCount(width, height);
+ *  "× 4 = 4,096 tokens" for several images (batch or panels), " per panel" (`per: "panel"`) where
+ *  the count is not known on this node, and the preset it matches. */
+export function sizeSummary(width, height, { count = 1, unit = "images", per = null, preset = null } = {}) {
+  const tokens = tokenCount(width, height);
   let text = `${width}×${height} · ${Math.floor(width / TOKEN_PX)}×${Math.floor(height / TOKEN_PX)} grid · `;
-  text += count > 1 ? `${formatCount(per)} tokens × ${count} ${unit} = ${formatCount(per * count)}` : `${formatCount(per)} tokens`;
+  if (per) text += `${formatCount(tokens)} tokens per ${per}`;
+  else if (count > 1) text += `${formatCount(tokens)} tokens × ${count} ${unit} = ${formatCount(tokens * count)}`;
+  else text += `${formatCount(tokens)} tokens`;
   if (preset === null) text += " · not a training bucket";
   return text;
 }
@@ -115,20 +118,23 @@ export function sizeSummary(width, height, { count = 1, unit = "images", preset 
 
 /** A fresh tracker (plain data; every update returns a new one). */
 export function newTracker() {
-  return { max: 0, value: 0, samples: [], firstT: null, firstValue: 0, lastT: null, resets: 0 };
+  return { max: 0, value: 0, samples: [], firstT: null, firstValue: 0, lastT: null, resets: 0, prevRate: null };
 }
 
 /** Add one progress message (value of max, at time t in ms). A smaller value or a different max
  *  starts a new pass (a new image, panel or run) with its own rate; a repeated value is ignored.
  *  The rate is measured over the last `windowMs` or the later half of the pass, whichever is
  *  longer: long enough to average out the pauses live previews make, short enough to follow a
- *  real change of speed. Older samples are dropped (the newest of them is kept as the start). */
+ *  real change of speed. Older samples are dropped (the newest of them is kept as the start).
+ *  A new pass remembers the last rate of the one before (prevRate), for estimates that cover
+ *  several passes before the new one has a rate of its own. */
 export function trackProgress(tr, value, max, t, windowMs = 20000) {
   const restart = tr.lastT === null || max !== tr.max || value < tr.value;
   if (restart) {
     return {
       max, value, samples: [{ t, value }], firstT: t, firstValue: value, lastT: t,
       resets: tr.lastT === null ? tr.resets : tr.resets + 1,
+      prevRate: tr.lastT === null ? (tr.prevRate ?? null) : (progressStats(tr).rate ?? tr.prevRate ?? null),
     };
   }
   if (value === tr.value) return tr; // the same step again (e.g. "progress" and "progress_state")
@@ -198,6 +204,50 @@ export function statusText(phase, stats, elapsed = null) {
         : "stopped";
     default:
       return "";
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The single storyboard node draws its panels one after another; the server's progress restarts
+// at 0 for each, so panel k is pass k of the tracker, and every panel has the same token count.
+
+/** progressStats plus {panel (k, from 1), panels (n, or null when unknown)}, with rate and ETA for
+ *  the whole run: the ETA covers the rest of this panel and all (n - k) panels after it. Until a
+ *  new panel has a rate of its own, the last rate of the panel before stands in. `panels` is the
+ *  number of panels queued (null when it cannot be known, e.g. a linked input); a count smaller
+ *  than the panels already seen is treated as unknown, and the ETA then covers this panel only. */
+export function storyboardStats(tr, panels, now = tr.lastT) {
+  const s = progressStats(tr, now);
+  const panel = s.resets + 1;
+  const n = Number.isInteger(panels) && panels >= panel ? panels : null;
+  const rate = s.rate ?? tr.prevRate ?? null;
+  const left = Math.max(0, s.max - s.value) + (n === null ? 0 : (n - panel) * s.max);
+  let eta = null;
+  if (left === 0 && s.max > 0) eta = 0;
+  else if (rate) eta = Math.max(0, left / rate - Math.max(0, (now ?? 0) - (tr.lastT ?? 0)) / 1000);
+  return { ...s, rate, eta, panel, panels: n };
+}
+
+/** The status line of NextStep Storyboard (stats from storyboardStats):
+ *  "panel 2/4 · 412/1,024 tokens · 31.2 tok/s · ETA 1:25" while it runs ("panel 2 · … · panel ETA"
+ *  when the number of panels is unknown), "done · 4 panels × 1,024 tokens · 2:10 · 30.8 tok/s",
+ *  "stopped at panel 2/4 · 412/1,024 tokens". */
+export function storyboardStatusText(phase, stats, elapsed = null) {
+  const of = stats?.panels ? `${stats?.panel}/${stats.panels}` : `${stats?.panel}`;
+  const tokens = `${formatCount(stats?.value)}/${formatCount(stats?.max)} tokens`;
+  switch (phase) {
+    case "running":
+      return `panel ${of} · ${tokens} · ${formatRate(stats.rate)} tok/s · ${stats.panels ? "ETA" : "panel ETA"} ${formatDuration(stats.eta)}`;
+    case "done": {
+      if (!stats?.max) return statusText(phase, stats, elapsed);
+      const rate = stats.average ?? stats.rate;
+      const done = stats.value >= stats.max ? stats.panel : stats.panel - 1;
+      return `done · ${done} panel${done === 1 ? "" : "s"} × ${formatCount(stats.max)} tokens · ${formatDuration(elapsed)}${rate ? ` · ${formatRate(rate)} tok/s` : ""}`;
+    }
+    case "stopped":
+      return stats?.max ? `stopped at panel ${of} · ${tokens}` : "stopped";
+    default:
+      return statusText(phase, stats, elapsed);
   }
 }
 

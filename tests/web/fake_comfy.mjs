@@ -228,6 +228,12 @@ export const SPECS = {
     ["panels", "a fox wakes up\na fox walks to the river"], ["width", 512, SIZE], ["height", 512, SIZE],
     ["seed", 1], ["control_after_generate", "fixed"],
   ],
+  NextStepStoryStart: [
+    ["style", "An ink comic about a fox."], ["positive_prompt", "masterpiece"], ["negative_prompt", "lowres"],
+    ["width", 512, SIZE], ["height", 512, SIZE], ["cfg", 7.5], ["steps", 28], ["timesteps_shift", 1.0],
+    ["use_norm", false], ["sampler", "auto"], ["cfg_schedule", "constant"], ["mode", "story"],
+  ],
+  NextStepStoryboardPanel: [["prompt", "the fox sleeps"], ["seed", 2], ["control_after_generate", "fixed"]],
 };
 
 /** Run the extension's beforeRegisterNodeDef for `name` and create one node the way the frontend

@@ -1,7 +1,7 @@
 // web/nextstep.js against a fake frontend (tests/web/fake_comfy.mjs): what it adds to each node,
 // that saved workflows and queued prompts stay those of the plain nodes, progress and reasoning
 // handling, listener clean-up, and that a failure leaves the plain widgets.
-import { test, beforeEach } from "node:test";
+import { test, beforeEach, mock } from "node:test";
 import assert from "node:assert/strict";
 
 import { FakeApi, FakeApp, SPECS, installDocument, makeNode } from "./fake_comfy.mjs";
@@ -38,7 +38,7 @@ test("it leaves other nodes alone", () => {
   assert.deepEqual(Object.getOwnPropertyNames(Other.prototype), ["constructor"]);
 });
 
-for (const name of ["NextStepTextToImage", "NextStepEdit", "NextStepStoryboard"]) {
+for (const name of Object.keys(SPECS)) {
   test(`${name}: added widgets come after the node's own and are never saved or queued`, () => {
     const node = makeNode(ext, app, name);
     assert.deepEqual(node.widgets.slice(0, SPECS[name].length).map((w) => w.name), plainNames(name));
@@ -142,6 +142,86 @@ test("edit: the size widget snaps and shows the cost of its base", () => {
   assert.equal(size.value, 768);
   node.onDrawForeground();
   assert.equal(ui(node).sizeLine.textContent, "base 768 · ≈2,304 tokens · output size follows the input image");
+  node.onRemoved();
+});
+
+test("story start: aspect presets, snapping, the cost per panel, and no run line", () => {
+  const before = api.live;
+  const node = makeNode(ext, app, "NextStepStoryStart");
+  assert.equal(api.live, before, "nothing to listen to: the node samples nothing");
+  const aspect = byName(node, "nextstep_aspect");
+  assert.equal(aspect.value, "512×512 (1:1)");
+  assert.equal(aspect.options.values.length, 18);
+  assert.equal(ui(node).sizeLine.textContent, "512×512 · 32×32 grid · 1,024 tokens per panel");
+  aspect.callback("672×384 (≈16:9)");
+  assert.equal(byName(node, "width").value, 672);
+  assert.equal(byName(node, "height").value, 384);
+  byName(node, "nextstep_base").callback("1024");
+  assert.equal(byName(node, "width").value, 1344, "the base keeps the bucket");
+  assert.equal(node.properties.nextstep_base, 1024);
+  const height = byName(node, "height");
+  height.value = 790;
+  height.callback(790);
+  assert.equal(height.value, 784, "snapped to 16");
+  node.onDrawForeground();
+  assert.equal(aspect.value, "custom");
+  assert.equal(ui(node).sizeLine.textContent, "1344×784 · 84×49 grid · 4,116 tokens per panel · not a training bucket");
+  const box = byName(node, "nextstep_status").element;
+  assert.deepEqual(box.children, [ui(node).sizeLine], "only the size line");
+  node.onRemoved();
+});
+
+test("storyboard panel: a status line, no size line", () => {
+  const node = makeNode(ext, app, "NextStepStoryboardPanel");
+  const status = byName(node, "nextstep_status");
+  assert.deepEqual(status.element.children, [ui(node).runLine], "no (empty) size line");
+  assert.equal(status.options.getMinHeight(), 23, "one line high");
+  const id = String(node.id);
+  api.send("executing", id);
+  api.send("progress", { value: 10, max: 1024, node: id });
+  api.send("progress", { value: 20, max: 1024, node: id });
+  assert.match(ui(node).runLine.textContent, /^20\/1,024 tokens · /);
+  api.send("executing", null);
+  assert.match(ui(node).runLine.textContent, /^done · 1,024 tokens · /);
+  node.onRemoved();
+});
+
+test("storyboard: the status line counts panels and the ETA covers the panels still to come", (t) => {
+  let clock = 0;
+  t.mock.method(performance, "now", () => clock);
+  const node = makeNode(ext, app, "NextStepStoryboard");
+  byName(node, "panels").value = "one\n\ntwo\n  \nthree";
+  node.onDrawForeground();
+  const id = String(node.id);
+  const line = () => ui(node).runLine.textContent;
+  const token = (v) => {
+    clock += 100;
+    api.send("progress", { value: v, max: 100, node: id });
+  };
+  api.send("executing", id);
+  byName(node, "panels").value = "one\ntwo\nthree\nfour"; // edits after queueing change nothing
+  // 10 tokens per second, 100 tokens per panel, progress restarting for each panel
+  for (let v = 1; v <= 50; v++) token(v);
+  assert.equal(line(), "panel 1/3 · 50/100 tokens · 10.0 tok/s · ETA 0:25");
+  for (let v = 51; v <= 100; v++) token(v);
+  clock += 2000; // decoding panel 1, reading panel 2's prompt
+  api.send("progress", { value: 1, max: 100, node: id });
+  assert.equal(line(), "panel 2/3 · 1/100 tokens · 10.0 tok/s · ETA 0:20");
+  clock += 5000;
+  ui(node).paintStatus(); // the 1 s timer
+  assert.equal(line(), "panel 2/3 · 1/100 tokens · 10.0 tok/s · ETA 0:15", "the ETA counts down between messages");
+  api.send("execution_interrupted", {});
+  assert.equal(line(), "stopped at panel 2/3 · 1/100 tokens");
+  assert.equal(ui(node).timer, null);
+
+  node.inputs.push({ name: "panels", link: 4 });
+  api.send("executing", id);
+  for (let v = 1; v <= 100; v++) token(v);
+  for (let v = 1; v <= 50; v++) token(v);
+  assert.equal(line(), "panel 2 · 50/100 tokens · 10.0 tok/s · panel ETA 0:05", "a linked count is unknown");
+  for (let v = 51; v <= 100; v++) token(v);
+  api.send("executing", null);
+  assert.match(line(), /^done · 2 panels × 100 tokens · 0:\d\d · 10.0 tok\/s$/);
   node.onRemoved();
 });
 

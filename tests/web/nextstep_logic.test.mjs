@@ -105,6 +105,12 @@ test("the size summary shows grid, tokens, the multiplier and off-bucket sizes",
     "512×512 · 32×32 grid · 1,024 tokens × 4 panels = 4,096",
   );
   assert.equal(L.sizeSummary(528, 512), "528×512 · 33×32 grid · 1,056 tokens · not a training bucket");
+  assert.equal(L.sizeSummary(512, 512, { per: "panel", preset: {} }), "512×512 · 32×32 grid · 1,024 tokens per panel");
+  assert.equal(
+    L.sizeSummary(528, 512, { per: "panel", count: 3 }),
+    "528×512 · 33×32 grid · 1,056 tokens per panel · not a training bucket",
+    "per wins over a count",
+  );
   assert.equal(L.formatCount(1234567), "1,234,567");
   assert.equal(L.formatCount(999), "999");
 });
@@ -203,6 +209,78 @@ test("status text for each phase", () => {
   assert.equal(L.statusText("done", L.progressStats(tr), 31.6), "done · 1,024 tokens · 0:32 · 30.8 tok/s");
   tr = L.trackProgress(tr, 1, 1024, 31000);
   assert.match(L.statusText("running", L.progressStats(tr)), /^1\/1,024 tokens \(pass 2\)/);
+});
+
+/** A storyboard run as the server reports it: `panels` panels of `max` tokens, 10 tokens per
+ *  second, progress restarting at 1 for each panel, with a 2 s pause between panels. */
+function storyboardRun(panels, max, until = Infinity) {
+  let tr = L.newTracker();
+  let t = 0;
+  for (let p = 1; p <= panels; p++) {
+    t += 2000;
+    for (let v = 1; v <= max; v++) {
+      if ((p - 1) * max + v > until) return { tr, t };
+      tr = L.trackProgress(tr, v, max, (t += 100));
+    }
+  }
+  return { tr, t };
+}
+
+test("a new pass keeps the last rate of the one before", () => {
+  const { tr } = storyboardRun(2, 100, 101);
+  assert.equal(tr.resets, 1);
+  assert.equal(L.progressStats(tr).rate, null, "the new pass has no rate of its own yet");
+  assert.ok(Math.abs(tr.prevRate - 10) < 1e-9);
+  assert.equal(L.newTracker().prevRate, null);
+});
+
+test("storyboard stats: panel k of n, and an ETA over the remaining panels", () => {
+  // panel 1 of 3, 50 of 100 tokens: 50 + 2 x 100 tokens left at 10 tok/s
+  let s = L.storyboardStats(storyboardRun(3, 100, 50).tr, 3);
+  assert.equal(s.panel, 1);
+  assert.equal(s.panels, 3);
+  assert.ok(Math.abs(s.rate - 10) < 1e-9);
+  assert.ok(Math.abs(s.eta - 25) < 1e-9);
+  // the first token of panel 2: the rate of panel 1 stands in; 99 + 100 tokens left
+  const { tr } = storyboardRun(3, 100, 101);
+  s = L.storyboardStats(tr, 3);
+  assert.equal(s.panel, 2);
+  assert.ok(Math.abs(s.rate - 10) < 1e-9);
+  assert.ok(Math.abs(s.eta - 19.9) < 1e-9);
+  assert.ok(Math.abs(L.storyboardStats(tr, 3, tr.lastT + 5000).eta - 14.9) < 1e-9, "counts down with the clock");
+  // the end of panel 2 still has panel 3 to go; the end of the last panel has nothing
+  assert.ok(Math.abs(L.storyboardStats(storyboardRun(3, 100, 200).tr, 3).eta - 10) < 1e-9);
+  assert.equal(L.storyboardStats(storyboardRun(3, 100).tr, 3).eta, 0);
+  // unknown count (a linked input) or fewer panels than already drawn: this panel only
+  s = L.storyboardStats(storyboardRun(3, 100, 150).tr, null);
+  assert.equal(s.panel, 2);
+  assert.equal(s.panels, null);
+  assert.ok(Math.abs(s.eta - 5) < 1e-9);
+  assert.equal(L.storyboardStats(storyboardRun(3, 100, 250).tr, 2).panels, null);
+  // before any progress
+  s = L.storyboardStats(L.newTracker(), 4);
+  assert.equal(s.panel, 1);
+  assert.equal(s.eta, null);
+});
+
+test("storyboard status text for each phase", () => {
+  const at = (until, panels = 4) => L.storyboardStats(storyboardRun(4, 1024, until).tr, panels);
+  assert.equal(L.storyboardStatusText("running", at(1024 + 412)), "panel 2/4 · 412/1,024 tokens · 10.0 tok/s · ETA 4:26");
+  assert.equal(
+    L.storyboardStatusText("running", at(1024 + 412, null)),
+    "panel 2 · 412/1,024 tokens · 10.0 tok/s · panel ETA 1:01",
+  );
+  assert.equal(L.storyboardStatusText("stopped", at(1024 + 412)), "stopped at panel 2/4 · 412/1,024 tokens");
+  assert.equal(L.storyboardStatusText("done", at(4096), 420.4), "done · 4 panels × 1,024 tokens · 7:00 · 10.0 tok/s");
+  assert.equal(
+    L.storyboardStatusText("done", L.storyboardStats(storyboardRun(1, 16).tr, 1), 3),
+    "done · 1 panel × 16 tokens · 0:03 · 10.0 tok/s",
+  );
+  const none = L.storyboardStats(L.newTracker(), 4);
+  assert.equal(L.storyboardStatusText("idle", none), "");
+  assert.equal(L.storyboardStatusText("starting", none, 3.2), "preparing… 0:03");
+  assert.equal(L.storyboardStatusText("stopped", none), "stopped");
+  assert.equal(L.storyboardStatusText("done", none, 1), "done · 0:01");
 });
 
 test("reasoning text is read from the executed message's ui output", () => {
