@@ -92,20 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_model(name: str) -> str:
-    """A local folder, or a Hub repo id fetched into the Hugging Face cache (only when asked)."""
-    if os.path.isdir(name) or os.path.sep in name or name.startswith("."):
+    """A local folder or file, or a Hub repo id (`owner/name`) fetched into the Hugging Face
+    cache (only when asked for, never at import)."""
+    import re
+    if os.path.exists(name) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name):
         return name
-    if name.count("/") == 1:
-        try:
-            from huggingface_hub import snapshot_download
-        except ImportError:
-            raise NextStepError(f"{name!r} is not a folder, and huggingface_hub is not installed to download it.")
-        try:
-            return snapshot_download(name)
-        except Exception as exc:
-            raise NextStepError(f"Could not download {name!r} from the Hugging Face Hub ({type(exc).__name__}: "
-                                f"{exc}). Download it yourself and pass the folder.") from None
-    return name
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise NextStepError(f"{name!r} is not a folder here, and huggingface_hub is not installed to download "
+                            "it: pip install huggingface_hub, or download the repo and pass its folder.") from None
+    try:
+        return snapshot_download(name)
+    except Exception as exc:
+        raise NextStepError(f"{name!r} is not a folder here and could not be downloaded from the Hugging Face Hub "
+                            f"({type(exc).__name__}: {exc}). Download it yourself and pass the folder.") from None
 
 
 def _save_png(img, path: str) -> None:

@@ -109,3 +109,15 @@ def test_storyboard_and_self_cot_from_the_shell(tiny_model, tmp_path):
     proc = cli("generate", "--model", tiny_model, "--prompt", "a fox", "--self-cot", "--reasoning", "it is red",
                "--width", 32, "--height", 32, "--out", tmp_path / "c.png", "--steps", "2")
     assert "reasoning[0]: it is red" in proc.stderr
+
+
+def test_model_argument_is_a_path_or_a_hub_repo_id(tiny_model, monkeypatch, tmp_path):
+    import huggingface_hub
+    from nextstep_core.cli import resolve_model
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo: asked.append(repo) or str(tmp_path))
+    assert resolve_model(tiny_model) == tiny_model
+    assert resolve_model("./no/such/folder") == "./no/such/folder"
+    assert asked == []
+    assert resolve_model("stepfun-ai/NextStep-1-Large") == str(tmp_path)
+    assert asked == ["stepfun-ai/NextStep-1-Large"]
