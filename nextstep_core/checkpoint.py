@@ -73,7 +73,11 @@ def model_variant(folder: str) -> str:
         if recorded in VARIANTS:
             return recorded
         folder = os.path.dirname(os.path.abspath(folder))
-    name = os.path.basename(os.path.normpath(folder)).lower().replace("_", "-")
+    parts = os.path.normpath(os.path.abspath(folder)).split(os.sep)
+    # the Hugging Face cache keeps the repo name above the snapshot folder:
+    # .../models--stepfun-ai--NextStep-1-Large-Edit/snapshots/<hash>
+    named = [p for p in reversed(parts) if "nextstep" in p.lower()]
+    name = (named[0] if named else parts[-1]).lower().replace("_", "-")
     if "1.1" in name or "1-1" in name:
         return "nextstep1.1-pretrain" if "pretrain" in name else "nextstep1.1"
     if "edit" in name:

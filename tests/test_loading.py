@@ -152,3 +152,10 @@ def test_layers_are_built_through_an_injectable_ops_namespace(tiny_model):
     assert isinstance(bb.layers[0].self_attn.q_proj, CountingLinear)
     assert isinstance(head.net.input_proj, CountingLinear)
     assert len(made) == 7 * len(bb.layers) + 2 + sum(1 for m in head.modules() if isinstance(m, CountingLinear))
+
+
+def test_model_variant_of_a_hugging_face_cache_snapshot(tmp_path):
+    snap = tmp_path / "hub" / "models--stepfun-ai--NextStep-1-Large-Edit" / "snapshots" / "0123abcd"
+    assert model_variant(str(snap)) == "nextstep1-large-edit"
+    snap11 = tmp_path / "hub" / "models--stepfun-ai--NextStep-1.1" / "snapshots" / "0123abcd"
+    assert model_variant(str(snap11)) == "nextstep1.1"
