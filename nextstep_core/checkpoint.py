@@ -74,16 +74,16 @@ def model_variant(folder: str) -> str:
             return recorded
         folder = os.path.dirname(os.path.abspath(folder))
     parts = os.path.normpath(os.path.abspath(folder)).split(os.sep)
-    # the Hugging Face cache keeps the repo name above the snapshot folder:
-    # .../models--stepfun-ai--NextStep-1-Large-Edit/snapshots/<hash>
-    named = [p for p in reversed(parts) if "nextstep" in p.lower()]
-    name = (named[0] if named else parts[-1]).lower().replace("_", "-")
-    if "1.1" in name or "1-1" in name:
-        return "nextstep1.1-pretrain" if "pretrain" in name else "nextstep1.1"
-    if "edit" in name:
-        return "nextstep1-large-edit"
-    if "pretrain" in name:
-        return "nextstep1-large-pretrain"
+    # the folder's own name first; then names above it that mention NextStep, since the Hugging Face
+    # cache keeps the repo name above the snapshot: .../models--stepfun-ai--NextStep-1-Large-Edit/snapshots/<hash>
+    for name in [parts[-1]] + [p for p in reversed(parts[:-1]) if "nextstep" in p.lower()]:
+        name = name.lower().replace("_", "-")
+        if "1.1" in name or "1-1" in name:
+            return "nextstep1.1-pretrain" if "pretrain" in name else "nextstep1.1"
+        if "edit" in name:
+            return "nextstep1-large-edit"
+        if "pretrain" in name:
+            return "nextstep1-large-pretrain"
     cfg_path = os.path.join(folder, "config.json")
     if os.path.isfile(cfg_path):
         cfg = read_json(cfg_path)
