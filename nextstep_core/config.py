@@ -7,7 +7,6 @@ frozen dataclasses so nothing downstream cares which checkpoint it got.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 
 from .errors import CheckpointError
@@ -104,7 +103,3 @@ def flow_head_config(cfg: dict, input_dim: int) -> FlowHeadConfig:
         layers=int(_first(cfg, "fm_head_layers", "genloss_depth", default=12)),
         mlp_ratio=float(_first(cfg, "fm_head_mlp_ratio", default=1.0)),
     )
-
-
-def model_config_path(folder: str) -> str:
-    return os.path.join(folder, "config.json")

@@ -69,14 +69,3 @@ class StaticKVCache:
         """The filled part moved to CPU RAM: a story context waiting between two panel nodes should
         not hold VRAM that other models may need."""
         return self.grown(self.length, "cpu")
-
-    def clone(self) -> "StaticKVCache":
-        """A deep copy, so two continuations of one context cannot overwrite each other."""
-        other = StaticKVCache.__new__(StaticKVCache)
-        other.keys = [k.clone() for k in self.keys]
-        other.values = [v.clone() for v in self.values]
-        other.valid = self.valid.clone()
-        other.length = self.length
-        other.max_len = self.max_len
-        other.dtype = self.dtype
-        return other

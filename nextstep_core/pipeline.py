@@ -5,7 +5,7 @@ image everywhere.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -155,7 +155,7 @@ class NextStepPipeline:
             from .checkpoint import attach_lm_head
             attach_lm_head(bb)
         dev = self.device
-        cond, uncond, mult = row_texts(tok, prompts, images_per_prompt=req.images_per_prompt, positive=req.positive,
+        cond, uncond, _ = row_texts(tok, prompts, images_per_prompt=req.images_per_prompt, positive=req.positive,
                                        negative=req.negative, cfg=s.cfg, cfg_img=s.cfg_img)
         open_ = think.span(tok)[0]
         cond_ids, cond_mask = left_pad(tok, [tok.encode(t + open_) for t in cond])
@@ -209,7 +209,3 @@ class NextStepPipeline:
                              self.backbone.cfg.latent_patch_size)
             out.append(to_output(self.vae.decode(lat)))
         return torch.cat(out)
-
-
-def with_sampling(req: Request, **changes) -> Request:
-    return replace(req, sampling=replace(req.sampling, **changes))

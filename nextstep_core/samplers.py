@@ -25,10 +25,6 @@ def draws_per_token(sampler: str, steps: int) -> int:
     return {"nextstep1": steps, "nextstep1.1": steps + 1, "ode": 1}[sampler]
 
 
-def evaluation_count(sampler: str, steps: int) -> int:
-    return steps
-
-
 def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
     """t / (s - (s - 1) t): s > 1 spends more of the steps near noise."""
     return t / (shift - (shift - 1) * t)

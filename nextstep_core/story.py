@@ -47,9 +47,6 @@ class StoryContext:
     def length(self) -> int:
         return 0 if self.cache is None else self.cache.length
 
-    def nbytes(self) -> int:
-        return 0 if self.cache is None else self.cache.nbytes()
-
     def offloaded(self) -> "StoryContext":
         """The same story with its cache in CPU RAM (the next panel copies it back)."""
         if self.cache is None or self.cache.valid.device.type == "cpu":
