@@ -37,10 +37,25 @@ def test_registry_metadata():
     assert "comfyui" not in project["name"].lower()  # the Registry's naming advice
     assert re.fullmatch(r"\d+\.\d+\.\d+", project["version"])
     assert project["description"] and project["license"] == {"file": "LICENSE"}
-    assert project["urls"]["Repository"].startswith("https://")
+    urls = project["urls"]
+    # comfy-cli reads exactly these keys for the Registry page; others (e.g. "Bug Tracker") are dropped
+    assert set(urls) == {"Homepage", "Documentation", "Repository", "Issues"}, sorted(urls)
+    repo = urls["Repository"]
+    assert re.fullmatch(r"https://github\.com/[\w.-]+/ComfyUI-NextStep", repo), repo
+    assert urls["Homepage"] == repo and urls["Documentation"].startswith(repo)
+    assert urls["Issues"] == f"{repo}/issues"
+    owner = repo.split("/")[3]
+    assert comfy["Icon"].startswith(f"https://raw.githubusercontent.com/{owner}/ComfyUI-NextStep/")
     assert comfy["PublisherId"] and comfy["DisplayName"] == "NextStep" and comfy["Icon"].startswith("https://")
     assert {"web", "workflows"} <= set(comfy["includes"])
     assert (ROOT / "docs" / "icon.png").is_file()
+
+
+def test_the_owner_placeholder_lives_in_pyproject_only():
+    """Until the public repository exists its owner is a placeholder; one file to edit, no stray copy."""
+    for path in [*PY_FILES, *ROOT.glob("*.md"), *ROOT.joinpath("docs").glob("*.md"), *ROOT.joinpath("web").glob("*"),
+                 *ROOT.joinpath("workflows").glob("*.json"), ROOT / "requirements.txt"]:
+        assert "OWNER" not in path.read_text(encoding="utf-8"), path.relative_to(ROOT)
 
 
 def test_license_is_apache_2():
