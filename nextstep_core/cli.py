@@ -13,6 +13,7 @@ import time
 
 from .errors import NextStepError
 from .presets import preset
+from .progress_line import ProgressLine
 from .quant import FORMATS
 from .samplers import SAMPLERS
 
@@ -183,13 +184,7 @@ def run_generation(args) -> int:
         req.fit, req.fit_base = args.fit, args.fit_size
         if (args.width is None) != (args.height is None):
             raise NextStepError("Give both --width and --height, or neither (then the output has the input's size).")
-    last = [time.perf_counter()]
-
-    def progress(done, total, _tokens):
-        if not args.quiet and (done == total or time.perf_counter() - last[0] > 1.0):
-            last[0] = time.perf_counter()
-            print(f"\rtoken {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
-
+    progress = ProgressLine(sys.stderr, quiet=args.quiet)
     t1 = time.perf_counter()
     if args.command == "storyboard":
         return _storyboard(args, pipe, req, settings, variant, t1)
@@ -220,8 +215,11 @@ def run_generation(args) -> int:
 def _storyboard(args, pipe, req, settings, variant, t1) -> int:
     import torch
     from .story import Storyboard
-    panels = Storyboard(pipe).run(args.panel + args.prompt, width=req.width, height=req.height, seed=req.seed,
-                                  sampling=settings, negative=req.negative, positive=req.positive, style=args.style)
+    prompts = args.panel + args.prompt
+    progress = ProgressLine(sys.stderr, quiet=args.quiet, passes=len([p for p in prompts if p.strip()]))
+    panels = Storyboard(pipe).run(prompts, width=req.width, height=req.height, seed=req.seed, sampling=settings,
+                                  negative=req.negative, positive=req.positive, style=args.style,
+                                  callback=lambda _panel, done, total, tokens: progress(done, total, tokens))
     images = torch.cat([p.image for p in panels])
     paths = output_paths(args.out, images.shape[0])
     for img, path in zip(images, paths):
