@@ -5,6 +5,8 @@ image everywhere.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -62,8 +64,9 @@ def validate(req: Request) -> None:
     s = req.sampling
     check_guidance(s.cfg, s.cfg_img)
     check_sampler(s.sampler, s.steps)
-    if s.shift <= 0:
-        raise SettingsError(f"timesteps_shift={s.shift} must be positive (1.0 = no shift; the edit model uses 3.2).")
+    if not math.isfinite(s.shift) or s.shift <= 0:  # NaN would pass `<= 0` and give an all-black image
+        raise SettingsError(f"timesteps_shift={s.shift} must be a positive finite number (1.0 = no shift; the edit "
+                            "model uses 3.2).")
     if req.images_per_prompt < 1:
         raise SettingsError(f"images per prompt = {req.images_per_prompt}; use 1 or more.")
     if not 0 <= int(req.seed) <= MAX_SEED:

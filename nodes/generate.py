@@ -72,10 +72,10 @@ class NextStepTextToImage:
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, width, height):
-        problems = [p for p in (settings.size_problem("width", width), settings.size_problem("height", height)) if p]
-        return " ".join(problems) if problems else True
+    # No VALIDATE_INPUTS: ComfyUI would attach its message to every input it takes (a bad width
+    # reported against height too) and skip its own min/max checks for them. The declared ranges
+    # are checked by ComfyUI on each input; what they cannot catch (a size off the 16-px grid,
+    # NaN) is refused below, before any work, naming the input and the value.
 
     def generate(self, backbone, flow_head, vae, prompt, positive_prompt, negative_prompt, width, height, cfg, steps,
                  timesteps_shift, use_norm, sampler, cfg_schedule, self_cot, seed, batch_size, reasoning=None,

@@ -6,6 +6,8 @@ position, and the web extension finds widgets by name).
 """
 from __future__ import annotations
 
+import math
+
 from ..nextstep_core.engine import SamplingSettings
 from ..nextstep_core.errors import SettingsError
 from ..nextstep_core.images import MULTIPLE, bucket_sizes
@@ -18,6 +20,8 @@ MAX_SIZE = 2048
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 SAMPLERS = ["auto"] + list(ENGINE_SAMPLERS)
 CFG_SCHEDULES = ["constant", "linear", "linear-ramp"]
+CFG_RANGE = (1.0, 30.0)
+SHIFT_RANGE = (0.05, 20.0)
 
 
 def bucket_list(base: int = 512) -> str:
@@ -41,7 +45,8 @@ def size_input(default: int, tooltip: str):
 
 
 def cfg_input(default: float, tooltip: str):
-    return ("FLOAT", {"default": default, "min": 1.0, "max": 30.0, "step": 0.1, "round": 0.01, "tooltip": tooltip})
+    return ("FLOAT", {"default": default, "min": CFG_RANGE[0], "max": CFG_RANGE[1], "step": 0.1, "round": 0.01,
+                      "tooltip": tooltip})
 
 
 def sampling_inputs(steps: int, shift: float, use_norm: bool) -> dict:
@@ -50,7 +55,8 @@ def sampling_inputs(steps: int, shift: float, use_norm: bool) -> dict:
         "steps": ("INT", {"default": steps, "min": 1, "max": 200, "tooltip": (
             "Flow-matching steps per image token (the model cards use 28 for NextStep-1, 30 for 1.1, 50 for edits). "
             "Fewer is faster and rougher.")}),
-        "timesteps_shift": ("FLOAT", {"default": shift, "min": 0.05, "max": 20.0, "step": 0.05, "round": 0.01,
+        "timesteps_shift": ("FLOAT", {"default": shift, "min": SHIFT_RANGE[0], "max": SHIFT_RANGE[1], "step": 0.05,
+                                      "round": 0.01,
                                       "tooltip": (
             "Time shift of the flow schedule: above 1 spends more steps near noise. 1.0 for text to image, "
             "3.2 for the edit model.")}),
@@ -82,9 +88,30 @@ def sampling(backbone, *, cfg: float, cfg_img: float, cfg_schedule: str, steps: 
              use_norm: bool, sampler: str) -> SamplingSettings:
     if sampler not in SAMPLERS:
         raise SettingsError(f"sampler={sampler!r} is not one of {', '.join(SAMPLERS)}.")
+    for name, value, bounds, usual in (("cfg", cfg, CFG_RANGE, "7.5"), ("cfg_img", cfg_img, CFG_RANGE, "2.0"),
+                                       ("timesteps_shift", timesteps_shift, SHIFT_RANGE, "1.0, or 3.2 for edits")):
+        problem = number_problem(name, value, bounds, usual)
+        if problem:
+            raise SettingsError(problem)
     return SamplingSettings(cfg=float(cfg), cfg_img=float(cfg_img), cfg_schedule=cfg_schedule, steps=int(steps),
                             shift=float(timesteps_shift), use_norm=bool(use_norm),
                             sampler=resolve_sampler(sampler, backbone))
+
+
+def number_problem(name: str, value, bounds: tuple, usual: str) -> str | None:
+    """Why a FLOAT widget value cannot be used, or None. ComfyUI's own min/max check lets NaN
+    through (every comparison with NaN is false), and a script or a hand-edited workflow can send
+    it; sampled with it, every token is NaN and the image comes out black."""
+    lo, hi = bounds
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return f"{name}={value!r} is not a number. Use a value between {lo} and {hi} (usually {usual})."
+    if not math.isfinite(v):
+        return f"{name}={v} is not a finite number. Use a value between {lo} and {hi} (usually {usual})."
+    if not lo <= v <= hi:
+        return f"{name}={v} is outside {lo}..{hi}. Use a value in that range (usually {usual})."
+    return None
 
 
 def size_problem(name: str, value) -> str | None:

@@ -69,6 +69,8 @@ def story_inputs() -> dict:
 
 def start_story(backbone, flow_head, vae, style, positive_prompt, negative_prompt, width, height, cfg, steps,
                 timesteps_shift, use_norm, sampler, cfg_schedule, mode) -> StoryState:
+    """Checks first what ComfyUI's per-input range checks cannot (sizes off the 16-px grid, NaN;
+    see the text-to-image node on why there is no VALIDATE_INPUTS), then the story's settings."""
     for name, value in (("width", width), ("height", height)):
         problem = settings.size_problem(name, value)
         if problem:
@@ -139,11 +141,6 @@ class NextStepStoryboard:
                              "seed": settings.seed_input(CARD["seed"])},
                 "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, width, height):
-        problems = [p for p in (settings.size_problem("width", width), settings.size_problem("height", height)) if p]
-        return " ".join(problems) if problems else True
-
     def storyboard(self, backbone, flow_head, vae, panels, style, positive_prompt, negative_prompt, width, height,
                    cfg, steps, timesteps_shift, use_norm, sampler, cfg_schedule, mode, seed, unique_id=None):
         prompts = [line.strip() for line in (panels or "").splitlines() if line.strip()]
@@ -170,10 +167,6 @@ class NextStepStoryStart:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": story_inputs()}
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, width, height):
-        return NextStepStoryboard.VALIDATE_INPUTS(width, height)
 
     def start(self, **kwargs):
         return (start_story(**kwargs),)

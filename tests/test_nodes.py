@@ -133,6 +133,9 @@ def test_declarations_are_well_formed(pack, request, with_host):
             import inspect
             args = inspect.getfullargspec(validate).args[1:]
             assert args and all(a in types_["required"] for a in args), node_id
+            # ComfyUI attaches a VALIDATE_INPUTS message to every input the function takes: with one
+            # input, each message lands on the input it is about
+            assert len(args) == 1, (node_id, args)
 
 
 def test_widget_names_match_the_web_contract(pack):
@@ -210,11 +213,6 @@ def test_validate_inputs_messages(pack, host):
     assert "huggingface-cli download stepfun-ai/NextStep-1.1 --local-dir models/nextstep/NextStep-1.1" in msg
     msg = m["NextStepVAELoader"].VALIDATE_INPUTS(vae_name="NextStep-1-Large-Pretrain/vae")
     assert "NextStep-1-Large-Pretrain/vae" in msg and "stepfun-ai/NextStep-1-Large-Pretrain" in msg
-    assert m["NextStepTextToImage"].VALIDATE_INPUTS(width=512, height=768) is True
-    assert m["NextStepTextToImage"].VALIDATE_INPUTS(width=None, height=512) is True  # linked: checked at run time
-    msg = m["NextStepTextToImage"].VALIDATE_INPUTS(width=500, height=512)
-    assert "width=500" in msg and "496 or 512" in msg
-    assert "height=4096" in m["NextStepTextToImage"].VALIDATE_INPUTS(width=512, height=4096)
     assert m["NextStepEdit"].VALIDATE_INPUTS(size=512) is True
     assert "size=8" in m["NextStepEdit"].VALIDATE_INPUTS(size=8)
 
