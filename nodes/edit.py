@@ -79,4 +79,5 @@ class NextStepEdit:
             sampling=settings.sampling(backbone, cfg=cfg, cfg_img=cfg_img, cfg_schedule=cfg_schedule, steps=steps,
                                        timesteps_shift=timesteps_shift, use_norm=use_norm, sampler=sampler))
         result = runner.run(backbone, flow_head, vae, request, width=width, height=height, node_id=unique_id)
-        return (result.images,)
+        # the editor's cost line shows what was drawn: the size the input was fitted to
+        return {"ui": {"fitted": [width, height, len(images)]}, "result": (result.images,)}

@@ -267,9 +267,11 @@ def test_edit_end_to_end(pack, host):
     parts = load_parts(pack, "NextStep-1-Large-Edit")
     assert parts[0].variant == "nextstep1-large-edit"
     image = torch.rand(2, 40, 72, 3)  # any size: fitted to a trained bucket
-    (images,) = check_outputs(cls, call(cls, **edit_args(pack, parts, image), unique_id="3"))
+    out = call(cls, **edit_args(pack, parts, image), unique_id="3")
+    (images,) = check_outputs(cls, out)
     h, w = pack.nextstep_core.images.nearest_bucket(40, 72, 64)
     assert images.shape == (2, h, w, 3)
+    assert out["ui"] == {"fitted": [w, h, 2]}, "the size the editor's cost line shows after the run"
     assert host.progress[-1][:2] == (h // 16 * (w // 16),) * 2
     (images,) = result_of(call(cls, **edit_args(pack, parts, image, fit="center-crop", size=32)))
     assert images.shape == (2, 32, 32, 3)

@@ -113,6 +113,32 @@ export function sizeSummary(width, height, { count = 1, unit = "images", per = n
   return text;
 }
 
+/** NextStep Edit's cost line. Once an image has run through (`last`: {width, height, images} of
+ *  that run, at the current fit and size) it is what was drawn: "last input → 544×480 · 34×30 grid
+ *  · 1,020 tokens"; before that, the rule `fit` follows at `size`: "≈512×512 at the input's aspect
+ *  · ≈1,024 tokens" (a 64×64 input still becomes 512×512: the input is scaled, up or down). */
+export function editSummary({ fit = "bucket", size = 512, last = null } = {}) {
+  if (last) {
+    const n = Math.max(1, last.images ?? 1);
+    return `last input → ${sizeSummary(last.width, last.height, { count: n, unit: "images", preset: true })}`;
+  }
+  const s = Number(size);
+  if (fit === "none") return "the input's own size (its sides must be multiples of 16)";
+  if (!Number.isFinite(s) || s < TOKEN_PX) return "";
+  if (fit === "center-crop") return `${s}×${s}, the centre square of the input · ${formatCount(tokenCount(s, s))} tokens`;
+  return `≈${s}×${s} at the input's aspect · ≈${formatCount(tokenCount(s, s))} tokens`;
+}
+
+/** {width, height, images} from NextStep Edit's "executed" output (ui.fitted: [width, height,
+ *  images]), or null when the output has none. */
+export function fittedFromOutput(output) {
+  const f = output?.fitted;
+  if (!Array.isArray(f) || f.length < 2) return null;
+  const [width, height, images = 1] = f.map(Number);
+  if (![width, height, images].every((v) => Number.isInteger(v) && v > 0)) return null;
+  return { width, height, images };
+}
+
 // ---------------------------------------------------------------------------------------------
 // Progress: tokens per second and ETA from the timestamps of "progress" messages.
 

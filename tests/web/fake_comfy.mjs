@@ -1,6 +1,10 @@
 // Just enough of a browser and of the ComfyUI frontend to load web/nextstep.js under node:
 // a DOM element tree, window.comfyAPI.{app,api}, and LiteGraph-like nodes whose widgets and
 // serialisation follow the frontend's rules (widgets with serialize === false are not saved).
+// FakeFrontend plays a user's edits the way each mode delivers them (seen in frontend 1.49.6
+// and 1.58.1): the classic canvas calls the widget's callback, then node.onWidgetChanged, and
+// redraws (onDrawForeground); Vue nodes call the callback only and never draw on the canvas, and
+// hide a widget by its options.hidden. Input slots warn when `input.link` is read, as 1.58 does.
 
 class FakeClassList {
   constructor(el) {
@@ -152,6 +156,26 @@ export class FakeApp {
   }
 }
 
+/** An input slot; reading `link` counts as a deprecated access (frontend 1.58 warns). */
+export const deprecations = [];
+
+class FakeInput {
+  constructor(name, link) {
+    this.name = name;
+    this._link = link;
+  }
+
+  get link() {
+    deprecations.push(`input.link (${this.name})`);
+    return this._link;
+  }
+
+  set link(v) {
+    deprecations.push(`input.link = (${this.name})`);
+    this._link = v;
+  }
+}
+
 /** A LiteGraph-like node base class; `spec` lists the Python widgets [name, value, options]. */
 let lastId = 0;
 
@@ -181,6 +205,10 @@ export class FakeNode {
     Object.defineProperty(w, "value", { get: () => options.getValue?.() ?? "", set: (v) => options.setValue?.(v) });
     this.widgets.push(w);
     return w;
+  }
+
+  isInputConnected(slot) {
+    return slot < this.inputs.length && this.inputs[slot]._link != null;
   }
 
   removeWidget(w) {
@@ -247,4 +275,50 @@ export function makeNode(ext, app, name, spec = SPECS[name], patch = null) {
   node.onNodeCreated?.();
   node.onAdded?.(app.graph);
   return node;
+}
+
+/** How a user's actions reach the node in one frontend mode ("classic" or "vue"). */
+export class FakeFrontend {
+  constructor(mode) {
+    this.mode = mode;
+  }
+
+  /** The user sets a widget's value (types a number, picks a combo entry, edits text). */
+  set(node, name, value) {
+    const w = node.widgets.find((x) => x.name === name);
+    const old = w.value;
+    w.value = value;
+    w.callback?.(w.value);
+    if (this.mode === "classic") {
+      node.onWidgetChanged?.(w.name, w.value, old, w);
+      this.draw(node);
+    }
+  }
+
+  /** A frame of the canvas: only the classic canvas draws nodes. */
+  draw(node) {
+    if (this.mode === "classic") node.onDrawForeground?.({});
+  }
+
+  /** Whether this mode shows the widget. */
+  shown(widget) {
+    return this.mode === "classic" ? !widget.hidden : !widget.options?.hidden;
+  }
+
+  /** A link is made to (or removed from) the input `name`. */
+  connect(node, name, link = 7) {
+    const slot = node.inputs.find((i) => i.name === name);
+    if (slot) slot._link = link;
+    else node.inputs.push(new FakeInput(name, link));
+    node.onConnectionsChange?.(1, node.inputs.length - 1, link != null);
+    this.draw(node);
+  }
+
+  /** A workflow is loaded: values and properties are restored, then onConfigure. */
+  configure(node, { values = {}, properties = {} } = {}) {
+    for (const [name, v] of Object.entries(values)) node.widgets.find((w) => w.name === name).value = v;
+    Object.assign(node.properties, properties);
+    node.onConfigure?.({});
+    this.draw(node);
+  }
 }

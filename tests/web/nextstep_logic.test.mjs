@@ -338,3 +338,24 @@ test("pasting several lines into a row makes several rows", () => {
   assert.deepEqual(L.pasteIntoPanel(["x"], 0, "", "\na", "x"), ["", "ax"], "the first row stays, even blank");
   assert.equal(L.panelsToText(L.pasteIntoPanel([""], 0, "", "a\r\nb\n", "")), "a\nb");
 });
+
+test("editSummary: the fitting rule before a run, the fitted size after one", () => {
+  assert.equal(L.editSummary({ fit: "bucket", size: 512 }), "≈512×512 at the input's aspect · ≈1,024 tokens");
+  assert.equal(L.editSummary({ fit: "resize", size: 768 }), "≈768×768 at the input's aspect · ≈2,304 tokens");
+  assert.equal(L.editSummary({ fit: "center-crop", size: 256 }), "256×256, the centre square of the input · 256 tokens");
+  assert.equal(L.editSummary({ fit: "none", size: 512 }), "the input's own size (its sides must be multiples of 16)");
+  assert.equal(L.editSummary({ fit: "bucket", size: Number.NaN }), "");
+  const last = { width: 672, height: 384, images: 1 };
+  assert.equal(L.editSummary({ fit: "bucket", size: 512, last }), "last input → 672×384 · 42×24 grid · 1,008 tokens");
+  assert.equal(L.editSummary({ size: 512, last: { ...last, images: 2 } }),
+    "last input → 672×384 · 42×24 grid · 1,008 tokens × 2 images = 2,016");
+});
+
+test("fittedFromOutput reads NextStep Edit's ui.fitted and nothing else", () => {
+  assert.deepEqual(L.fittedFromOutput({ fitted: [544, 480, 2] }), { width: 544, height: 480, images: 2 });
+  assert.deepEqual(L.fittedFromOutput({ fitted: [512, 512] }), { width: 512, height: 512, images: 1 });
+  for (const bad of [undefined, {}, { fitted: [] }, { fitted: [512] }, { fitted: [512, "x"] }, { fitted: [0, 512] },
+    { fitted: [512.5, 512] }, { images: [{ filename: "a.png" }] }]) {
+    assert.equal(L.fittedFromOutput(bad), null, JSON.stringify(bad));
+  }
+});
