@@ -30,6 +30,7 @@ CORE = {
 UI_ONLY = {"Note", "MarkdownNote"}
 MODES = {0: "always", 2: "never (muted)", 4: "bypass"}
 TITLE_HEIGHT = 30  # LiteGraph draws the title bar above a node's pos
+MIN_GAP = 20  # free canvas between two nodes, so no node touches another
 PREVIEW_ROOM = 200  # how far a node grows when its live preview arrives (about 170-200 px in frontend 1.49)
 STORY_NODES = ("NextStepStoryStart", "NextStepStoryboardPanel", "NextStepStoryboard")
 FAST = {"width": 64, "height": 64, "size": 64, "steps": 2}  # run-time overrides: the checks use the file's values
@@ -131,6 +132,30 @@ def test_workflow_matches_the_node_definitions(pack, host, workflow):
         assert d_in["link"] == lid and lid in (s_out["links"] or []), f"link {lid} is not recorded on its nodes"
 
 
+# The least height (below the title bar) each node takes at load, the largest of frontend 1.49.6
+# and 1.58.1, classic canvas and Vue nodes, measured in the real editor (each workflow loaded with
+# every node shrunk; Vue nodes grow to their content, the canvas to computeSize()), with the
+# number of widgets the node had then: a node whose widgets change must be measured again. A
+# smaller size in a file leaves the node's last rows under the node below it.
+MEASURED_HEIGHT = {  # type: (widgets incl. control_after_generate, least height)
+    "NextStepBackboneLoader": (4, 170), "NextStepFlowHeadLoader": (3, 142), "NextStepVAELoader": (3, 142),
+    "NextStepTextToImage": (15, 647), "NextStepEdit": (14, 563), "NextStepStoryStart": (12, 571),
+    "NextStepStoryboard": (15, 716), "NextStepStoryboardPanel": (3, 183),
+    "SaveImage": (1, 70), "LoadImage": (2, 326), "Note": (1, 88),
+}
+
+
+def test_nodes_are_tall_enough_for_their_widgets(pack, workflow):
+    """No widget is hidden at load: every node is at least as tall as the editor makes it."""
+    for n in load(workflow)["nodes"]:
+        widgets, least = MEASURED_HEIGHT[n["type"]]
+        cls = pack.NODE_CLASS_MAPPINGS.get(n["type"])
+        if cls is not None:
+            assert len(expected_widgets(cls)) == widgets, f"{n['type']} changed its widgets: measure it again"
+        assert n["size"][1] >= least, \
+            f"{workflow.name}: node {n['id']} ({n['type']}) is {n['size'][1]} high; it needs {least}"
+
+
 def box(node):
     """(left, top, right, bottom) on the canvas, title bar included."""
     (x, y), (w, h) = node["pos"], node["size"]
@@ -138,9 +163,9 @@ def box(node):
 
 
 def test_workflow_layout(pack, workflow):
-    """No node covers another, nor the room a node with a live preview grows into; every node lies
-    inside or outside each group (never across its edge); a muted node only feeds muted nodes
-    (otherwise the editor queues a node with a missing input)."""
+    """No node covers or touches another, nor the room a node with a live preview grows into;
+    every node lies inside or outside each group (never across its edge); a muted node only feeds
+    muted nodes (otherwise the editor queues a node with a missing input)."""
     wf = load(workflow)
     nodes = {n["id"]: n for n in wf["nodes"]}
     boxes = {i: box(n) for i, n in nodes.items()}
@@ -153,8 +178,9 @@ def test_workflow_layout(pack, workflow):
         assert nodes[i]["mode"] in MODES, f"{workflow.name} node {i}: mode {nodes[i]['mode']}"
         for j, b in boxes.items():
             if i < j:
-                overlap = a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
-                assert not overlap, f"{workflow.name}: nodes {i} and {j} overlap ({a} and {b})"
+                g = MIN_GAP
+                overlap = a[0] < b[2] + g and b[0] < a[2] + g and a[1] < b[3] + g and b[1] < a[3] + g
+                assert not overlap, f"{workflow.name}: nodes {i} and {j} overlap or touch ({a} and {b})"
     for g in wf.get("groups", []):
         gx, gy, gw, gh = g["bounding"]
         for i, (l, t, r, b) in boxes.items():
