@@ -65,10 +65,6 @@ export function setHidden(widget, hidden) {
   widget.options.hidden = hidden;
 }
 
-export function isHidden(widget) {
-  return Boolean(widget.hidden ?? widget.options?.hidden);
-}
-
 /** Whether the input named `inputName` has a link. Uses node.isInputConnected (frontend 1.49 and
  *  1.58; 1.58 deprecates reading `input.link`), falling back to the slot for older frontends. */
 export function isLinked(node, inputName) {
@@ -131,6 +127,9 @@ const STYLE = `
 .nextstep-ui button:hover:not(:disabled) { border-color: var(--input-text, #ddd); }
 .nextstep-ui button:disabled { opacity: 0.4; cursor: default; }
 .nextstep-panels.ns-linked .ns-row { opacity: 0.5; pointer-events: none; }
+.nextstep-panels textarea.ns-text { height: 90px; resize: none; box-sizing: border-box; width: 100%;
+  font: 12px/1.4 ui-monospace, monospace; color: var(--input-text, #ddd); background: var(--comfy-input-bg, #222);
+  border: 1px solid var(--border-color, #444); border-radius: 4px; padding: 4px 6px; }
 `;
 
 export function injectStyle() {

@@ -1,9 +1,12 @@
 // The storyboard panel editor on NextStep Storyboard: one row per panel (↑ ↓ ✕, + panel, Enter
 // splits a row, Backspace on an empty row removes it, pasting lines makes rows). The rows are the
 // node's own `panels` text (one panel per line), which stays the single source of truth: the
-// plain text widget is folded away, `text` shows it, and edits there show up in the rows.
+// plain text widget is folded away, `text` opens that text for editing inside the editor, and
+// edits there show up in the rows.
 import * as L from "./nextstep_logic.js";
-import { addPanelWidget, afterCallback, el, growToFit, isHidden, isLinked, setHidden } from "./nextstep_frontend.js";
+import { addPanelWidget, afterCallback, el, growToFit, isLinked, setHidden } from "./nextstep_frontend.js";
+
+const TEXT_HEIGHT = 96;
 
 export class PanelEditor {
   constructor(ui) {
@@ -32,17 +35,30 @@ export class PanelEditor {
     const add = el("button", "", "+ panel");
     add.title = "Add a panel at the end";
     add.addEventListener("click", () => this.edit(L.insertPanel(this.rows), this.rows.length));
+    // the plain text, editable, inside the editor (not the folded-away widget: Vue nodes in
+    // frontend 1.49 would not show it again)
+    this.textBox = el("textarea", "ns-text");
+    this.textBox.spellcheck = false;
+    this.textBox.placeholder = "one panel prompt per line";
+    this.textBox.addEventListener("input", () => {
+      raw.value = this.textBox.value;
+      this.ui.app.graph?.change?.();
+      this.ui.refresh();
+    });
+    this.textOpen = false;
     const asText = el("button", "", "text");
     asText.title = "Show the panels as the node's plain text (one panel per line)";
     asText.addEventListener("click", () => {
-      setHidden(raw, !isHidden(raw));
-      asText.textContent = isHidden(raw) ? "text" : "hide text";
+      this.textOpen = !this.textOpen;
+      asText.textContent = this.textOpen ? "hide text" : "text";
+      this.paintText();
       growToFit(this.node);
     });
     foot.append(this.note, add, asText);
-    this.box.append(this.list, foot);
-    const height = () => 30 + 26 * Math.max(1, this.rows.length);
+    this.box.append(this.list, foot, this.textBox);
+    const height = () => 30 + 26 * Math.max(1, this.rows.length) + (this.textOpen ? TEXT_HEIGHT : 0);
     this.widget = addPanelWidget(this.node, "nextstep_panels", this.box, { getMinHeight: height, getMaxHeight: height });
+    this.paintText();
     this.ui.track(this.widget);
     this.render();
     return true;
@@ -60,8 +76,16 @@ export class PanelEditor {
     const text = L.panelsToText(this.rows);
     this.written = text;
     if (this.raw.value !== text) this.raw.value = text;
+    this.paintText();
     this.ui.app.graph?.change?.();
     this.ui.refresh(true);
+  }
+
+  /** The text box shows the node's text while open (and is left alone while it has the caret). */
+  paintText() {
+    const box = this.textBox;
+    box.style.display = this.textOpen ? "" : "none";
+    if (document.activeElement !== box && box.value !== (this.raw.value ?? "")) box.value = this.raw.value ?? "";
   }
 
   /** The line under the rows: how many panels, or that a link provides them. */
@@ -140,6 +164,7 @@ export class PanelEditor {
     this.written = text;
     this.rows = L.panelsFromText(text);
     this.render();
+    this.paintText();
   }
 
   key() {

@@ -1,8 +1,8 @@
 // The Self-CoT reasoning of the last run on NextStep Text to Image: a read-only box (selectable,
-// with a copy button) that is hidden until a run returns reasoning, and saved with the workflow
+// with a copy button) that is there only once a run returned reasoning, and saved with the workflow
 // in node.properties (never in widgets_values, so the workflow loads unchanged without it).
 import * as L from "./nextstep_logic.js";
-import { addPanelWidget, el, growToFit, setHidden } from "./nextstep_frontend.js";
+import { addPanelWidget, el, growToFit } from "./nextstep_frontend.js";
 
 const PROP_REASONING = "nextstep_reasoning";
 
@@ -24,9 +24,32 @@ export class ReasoningBox {
     copy.addEventListener("click", () => this.copy(copy));
     head.append(title, copy);
     box.append(head, this.text);
-    this.widget = addPanelWidget(this.node, "nextstep_reasoning", box, { getMinHeight: () => 110 });
-    this.ui.track(this.widget);
+    this.box = box;
+    this.widget = null; // only there while there is reasoning to show
+    this.ui.cleanups.push(() => this.remove());
     return true;
+  }
+
+  /** The box is added when there is reasoning and removed when there is none, rather than
+   *  hidden: Vue nodes in frontend 1.49 render a widget's visibility once, when it first appears. */
+  add() {
+    this.widget = addPanelWidget(this.node, "nextstep_reasoning", this.box, { getMinHeight: () => 110 });
+    const widgets = this.node.widgets;
+    const after = widgets.indexOf(this.ui.status?.widget);
+    if (after >= 0 && widgets.indexOf(this.widget) !== after + 1) { // right under the status line
+      widgets.splice(widgets.indexOf(this.widget), 1);
+      widgets.splice(after + 1, 0, this.widget);
+    }
+    growToFit(this.node);
+  }
+
+  remove() {
+    if (!this.widget) return;
+    const w = this.widget;
+    this.widget = null;
+    if (this.node.removeWidget) this.node.removeWidget(w);
+    else if (this.node.widgets?.includes(w)) this.node.widgets.splice(this.node.widgets.indexOf(w), 1);
+    this.node.setDirtyCanvas?.(true, true);
   }
 
   async copy(button) {
@@ -49,13 +72,9 @@ export class ReasoningBox {
 
   refresh() {
     const text = this.node.properties?.[PROP_REASONING] ?? "";
-    const hidden = !text;
     if (this.text.value !== text) this.text.value = text;
-    if (this.widget.hidden !== hidden || this.widget.options?.hidden !== hidden) {
-      setHidden(this.widget, hidden);
-      if (!hidden) growToFit(this.node);
-      else this.node.setDirtyCanvas?.(true, true);
-    }
+    if (text && !this.widget) this.add();
+    else if (!text && this.widget) this.remove();
   }
 
   executed(output) {

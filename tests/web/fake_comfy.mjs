@@ -45,6 +45,7 @@ export class FakeElement {
     this.textContent = "";
     this.value = "";
     this.title = "";
+    this.style = {};
     this.disabled = false;
     this.listeners = {};
     this.selectionStart = null;
@@ -300,9 +301,14 @@ export class FakeFrontend {
     if (this.mode === "classic") node.onDrawForeground?.({});
   }
 
-  /** Whether this mode shows the widget. */
-  shown(widget) {
-    return this.mode === "classic" ? !widget.hidden : !widget.options?.hidden;
+  /** Whether this mode shows the widget (which must be on the node). The canvas reads
+   *  widget.hidden on every frame; Vue nodes read options.hidden when they first render the
+   *  widget, and frontend 1.49 does not notice a later change. */
+  shown(node, widget) {
+    if (!widget || !node.widgets.includes(widget)) return false;
+    if (this.mode === "classic") return !widget.hidden;
+    if (!("vueHidden" in widget)) widget.vueHidden = Boolean(widget.options?.hidden);
+    return !widget.vueHidden;
   }
 
   /** A link is made to (or removed from) the input `name`. */

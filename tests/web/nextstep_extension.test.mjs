@@ -185,26 +185,33 @@ for (const mode of MODES) {
 
   test(`${mode}: Self-CoT reasoning is shown after a run and kept in node.properties`, () => {
     const node = makeNode(ext, app, "NextStepTextToImage");
-    const box = byName(node, "nextstep_reasoning");
-    assert.equal(fe.shown(box), false, "hidden until there is reasoning");
+    const box = () => byName(node, "nextstep_reasoning");
+    assert.equal(fe.shown(node, box()), false, "not there until there is reasoning");
     node.onExecuted({ reasoning: ["A fox, low sun, river on the left."] });
-    assert.equal(fe.shown(box), true);
+    assert.equal(fe.shown(node, box()), true);
+    const names = node.widgets.map((w) => w.name);
+    assert.equal(names.indexOf("nextstep_reasoning"), names.indexOf("nextstep_status") + 1, "right under the status line");
     assert.equal(node.properties.nextstep_reasoning, "A fox, low sun, river on the left.");
-    const textarea = box.element.querySelector("textarea");
+    assert.deepEqual(node.widgetsValues(), plainValues("NextStepTextToImage"), "still not saved");
+    const textarea = box().element.querySelector("textarea");
     assert.equal(textarea.value, "A fox, low sun, river on the left.");
     assert.equal(textarea.readOnly, true);
     node.onExecuted({ images: [] });
     assert.equal(node.properties.nextstep_reasoning, "A fox, low sun, river on the left.", "other outputs keep it");
+    assert.equal(fe.shown(node, box()), true);
     node.onExecuted({ reasoning: [""] });
     assert.equal(node.properties.nextstep_reasoning, undefined, "a run without reasoning clears it");
-    assert.equal(fe.shown(box), false);
+    assert.equal(fe.shown(node, box()), false);
+    node.onExecuted({ reasoning: ["again"] });
+    assert.equal(fe.shown(node, box()), true, "and a later run shows it again");
+    assert.equal(box().element.querySelector("textarea").value, "again");
     node.onRemoved();
   });
 
   test(`${mode}: reasoning saved in a workflow comes back when it is loaded`, () => {
     const node = makeNode(ext, app, "NextStepTextToImage");
     fe.configure(node, { properties: { nextstep_reasoning: "saved reasoning" } });
-    assert.equal(fe.shown(byName(node, "nextstep_reasoning")), true);
+    assert.equal(fe.shown(node, byName(node, "nextstep_reasoning")), true);
     assert.equal(byName(node, "nextstep_reasoning").element.querySelector("textarea").value, "saved reasoning");
     node.onRemoved();
   });
@@ -212,7 +219,7 @@ for (const mode of MODES) {
   test(`${mode}: storyboard: the panel editor edits the node's own panels text`, () => {
     const node = makeNode(ext, app, "NextStepStoryboard");
     const raw = byName(node, "panels");
-    assert.equal(fe.shown(raw), false, "the plain text widget is folded away");
+    assert.equal(fe.shown(node, raw), false, "the plain text widget is folded away");
     const { list, box } = ui(node).panels;
     const inputs = () => list.all("input");
     assert.deepEqual(inputs().map((i) => i.value), ["a fox wakes up", "a fox walks to the river"]);
@@ -247,10 +254,22 @@ for (const mode of MODES) {
 
     buttons(0)[2].fire("click"); // remove row 1
     assert.equal(raw.value.split("\n")[0], "a fox wakes up at dawn - x");
+    const { textBox } = ui(node).panels;
+    assert.equal(textBox.style.display, "none");
     foot.all("button")[1].fire("click"); // text
-    assert.equal(fe.shown(raw), true, "the plain text can be shown");
+    assert.equal(textBox.style.display, "", "the plain text opens inside the editor");
+    assert.equal(textBox.value, raw.value);
+    textBox.value = "one\ntwo";
+    textBox.fire("input");
+    assert.equal(raw.value, "one\ntwo", "and edits the node's text");
+    assert.deepEqual(inputs().map((i) => i.value), ["one", "two"], "the rows follow");
+    assert.match(sizeLine(node), /× 2 panels/);
+    inputs()[0].value = "one fox";
+    inputs()[0].fire("input");
+    assert.equal(textBox.value, "one fox\ntwo", "and the text follows the rows");
     foot.all("button")[1].fire("click");
-    assert.equal(fe.shown(raw), false);
+    assert.equal(textBox.style.display, "none");
+    assert.equal(fe.shown(node, raw), false, "the folded widget stays folded");
     node.onRemoved();
   });
 
