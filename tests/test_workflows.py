@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from host_stand_in import ROOT, host, models_dir, pack  # noqa: F401
+from parity_support import assert_images_close
 
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
@@ -283,4 +284,4 @@ def test_storyboard_example_chain_equals_the_single_node(pack, host):
     panels = torch.cat([saved[str(save_of[p["id"]])] for p in chain])
     board = saved[str(save_of[single["id"]])]
     assert board.shape == panels.shape == (4, FAST["height"], FAST["width"], 3)
-    assert torch.equal(board, panels)
+    assert_images_close(board, panels)
