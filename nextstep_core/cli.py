@@ -66,9 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(e)
     e.add_argument("--image", action="append", required=True, help="input image; repeat for a batch")
     e.add_argument("--cfg-img", type=float, help="image CFG scale (1 = off)")
-    e.add_argument("--fit", default="bucket", choices=["bucket", "center-crop", "resize", "none"],
-                   help="how the input is brought to a multiple of 16 (bucket: nearest official aspect bucket)")
-    e.add_argument("--fit-size", type=int, default=512, help="base size for --fit")
+    e.add_argument("--fit", choices=["bucket", "center-crop", "resize", "none"],
+                   help="how the input image is fitted. With --width/--height (default resize): resize = exactly "
+                        "that size, as StepFun's example; bucket/center-crop = cover it and centre-crop; none = the "
+                        "input as it is. Without a size (default bucket): the nearest official aspect bucket at "
+                        "--fit-size, and the output has the fitted size")
+    e.add_argument("--fit-size", type=int, help="base size for --fit when no --width/--height is given (512)")
     b = sub.add_parser("storyboard", help="panels that continue one story (each sees the panels before it)")
     _common(b)
     b.add_argument("--panel", action="append", default=[], help="a panel prompt; repeat, in story order")
@@ -180,9 +183,14 @@ def run_generation(args) -> int:
                                           top_p=args.top_p, text=args.reasoning)
     elif editing:
         req.edit_images = [open_image(p) for p in args.image]
-        req.fit, req.fit_base = args.fit, args.fit_size
         if (args.width is None) != (args.height is None):
             raise NextStepError("Give both --width and --height, or neither (then the output has the input's size).")
+        sized = args.width is not None
+        if sized and args.fit_size is not None:
+            raise NextStepError(f"--fit-size {args.fit_size} applies only without --width/--height (the input is "
+                                f"fitted to {args.width}x{args.height}); drop one of them.")
+        req.fit = args.fit or ("resize" if sized else "bucket")
+        req.fit_base = 512 if args.fit_size is None else args.fit_size
     last = [time.perf_counter()]
 
     def progress(done, total, _tokens):
