@@ -45,7 +45,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="8-bit backbone weights (about half the memory): quantized while loading a full-precision "
                         "folder, or read from a pre-quantized .safetensors (see `quantize`)")
     p.add_argument("--exact", action="store_true",
-                   help="bit-for-bit parity with StepFun's pipeline (slower: no attention trimming or batched adaLN)")
+                   help="compute as StepFun's pipeline does (on CPU float32 its tokens up to float rounding; "
+                        "slower: no attention trimming or batched adaLN)")
     p.add_argument("--out", required=True, help="output PNG (several images: NAME-0.png, NAME-1.png, ...)")
     p.add_argument("--tokens-out", help="safetensors file with `tokens` [B, h*w, 64] and `images` [B, H, W, 3]")
     p.add_argument("--quiet", action="store_true")
