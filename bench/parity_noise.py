@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,52 +23,15 @@ import torch  # noqa: E402
 import parity_support as ps  # noqa: E402
 
 
-@contextmanager
-def patched(module, name, value):
-    old = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, old)
-
-
-@contextmanager
-def one_wrong_weight(pipe):
-    """One element of the first layer's query matrix off by 0.01 (its weights are ~0.06)."""
-    w = pipe.backbone.layers[0].self_attn.q_proj.weight
-    with torch.no_grad():
-        w[0, 0] += 0.01
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            w[0, 0] -= 0.01
-
-
-@contextmanager
-def one_skipped_draw():
-    """The noise stream one (1, 64) draw ahead, as if one draw had been skipped or made twice."""
-    import nextstep_core.pipeline as pipeline
-    make = pipeline.make_generator
-
-    def ahead(seed):
-        g = make(seed)
-        torch.randn(1, 64, generator=g)
-        return g
-    with patched(pipeline, "make_generator", ahead):
-        yield
-
-
 def variants(pipe):
     import nextstep_core.backbone as backbone
     yield "exact, 1 thread", lambda n: ps.run(pipe, n, True, threads=1)
     yield "exact, 2 threads", lambda n: ps.run(pipe, n, True, threads=2)
-    yield "exact, attention written out", lambda n: _with(patched(backbone, "attend", ps.attend_explicitly),
+    yield "exact, attention written out", lambda n: _with(ps.patched(backbone, "attend", ps.attend_explicitly),
                                                           lambda: ps.run(pipe, n, True))
     yield "fast (default)", lambda n: ps.run(pipe, n, False)
-    yield "FAULT one wrong weight", lambda n: _with(one_wrong_weight(pipe), lambda: ps.run(pipe, n, True))
-    yield "FAULT one skipped noise draw", lambda n: _with(one_skipped_draw(), lambda: ps.run(pipe, n, True))
+    yield "FAULT one wrong weight", lambda n: _with(ps.one_wrong_weight(pipe), lambda: ps.run(pipe, n, True))
+    yield "FAULT one skipped noise draw", lambda n: _with(ps.one_noise_draw_ahead(), lambda: ps.run(pipe, n, True))
 
 
 def _with(ctx, fn):

@@ -6,6 +6,7 @@ below are chosen from (figures in tests/golden/README.md).
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -99,3 +100,40 @@ def assert_tokens_close(got: torch.Tensor, want: torch.Tensor) -> None:
 def assert_images_close(got: torch.Tensor, want: torch.Tensor) -> None:
     assert got.shape == want.shape
     torch.testing.assert_close(got.float(), want.float(), atol=IMAGE_ATOL, rtol=0)
+
+
+@contextmanager
+def patched(owner, name, value):
+    old = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, old)
+
+
+@contextmanager
+def one_wrong_weight(pipe, delta: float = 0.01):
+    """A fault to prove the bounds can fail: one of the first layer's query weights (spread ~0.06) off."""
+    w = pipe.backbone.layers[0].self_attn.q_proj.weight
+    with torch.no_grad():
+        w[0, 0] += delta
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            w[0, 0] -= delta
+
+
+@contextmanager
+def one_noise_draw_ahead():
+    """A fault: the noise stream one (1, 64) draw ahead, as if one draw had been skipped."""
+    import nextstep_core.pipeline as pipeline
+    make = pipeline.make_generator
+
+    def ahead(seed):
+        g = make(seed)
+        torch.randn(1, 64, generator=g)
+        return g
+    with patched(pipeline, "make_generator", ahead):
+        yield

@@ -1,8 +1,6 @@
 """Our engine against StepFun's own pipeline: goldens in tests/golden, made by running the official
 code on tiny checkpoints this pack writes itself (tests/golden/README.md says how), so every clone
 checks the pack's central promise with nothing from outside the repository."""
-from contextlib import contextmanager
-
 import pytest
 import torch
 
@@ -56,48 +54,25 @@ def test_tokens_and_images_match_official(pipes, name, exact):
         torch.testing.assert_close(result.images, gold["images"], atol=ps.IMAGE_ATOL, rtol=0)
 
 
-@contextmanager
-def _patched(module, name, value):
-    old = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, old)
-
-
 def _token_error(pipe, name) -> float:
     return ps.max_diff(ps.run(pipe, name, exact=True), ps.golden(name))[0]
 
 
 def test_attention_computed_another_way_stays_inside_the_bound(pipes):
     import nextstep_core.backbone as backbone
-    with _patched(backbone, "attend", ps.attend_explicitly):
+    with ps.patched(backbone, "attend", ps.attend_explicitly):
         err = _token_error(pipes["t2i"], "t2i_64")
     assert err < ps.TOKEN_ATOL
 
 
 def test_one_wrong_weight_breaks_the_bound(pipes):
-    w = pipes["t2i"].backbone.layers[0].self_attn.q_proj.weight
-    with torch.no_grad():
-        w[0, 0] += 0.01  # one of 4,096 query weights, off by a sixth of their spread
-    try:
+    with ps.one_wrong_weight(pipes["t2i"]):
         err = _token_error(pipes["t2i"], "t2i_64")
-    finally:
-        with torch.no_grad():
-            w[0, 0] -= 0.01
     assert err > 5 * ps.TOKEN_ATOL
 
 
 def test_one_skipped_noise_draw_breaks_the_bound(pipes):
-    import nextstep_core.pipeline as pipeline
-    make = pipeline.make_generator
-
-    def one_draw_ahead(seed):
-        g = make(seed)
-        torch.randn(1, 64, generator=g)
-        return g
-    with _patched(pipeline, "make_generator", one_draw_ahead):
+    with ps.one_noise_draw_ahead():
         err = _token_error(pipes["t2i"], "t2i_64")
     assert err > 100 * ps.TOKEN_ATOL
 
@@ -105,6 +80,6 @@ def test_one_skipped_noise_draw_breaks_the_bound(pipes):
 def test_edits_without_the_discarded_posterior_draw_break_the_bound(pipes):
     """The release draws (and throws away) a VAE posterior sample before the first token."""
     from nextstep_core.noise import TokenNoise
-    with _patched(TokenNoise, "discard", lambda self, shape: None):
+    with ps.patched(TokenNoise, "discard", lambda self, shape: None):
         err = _token_error(pipes["edit"], "edit")
     assert err > 100 * ps.TOKEN_ATOL
