@@ -138,7 +138,7 @@ class Server:
     def _no_answer(self, method: str, path: str, exc: Exception, wait: float) -> str:
         where = f"{method} {self.url}{path}"
         if isinstance(exc, socket.timeout):
-            return (f"{where} got no answer within {wait:.0f} s. A big image on small GPUs can take longer: raise "
+            return (f"{where} got no answer within {wait:g} s. A big image on small GPUs can take longer: raise "
                     "the server timeout; or check that the server is still running.")
         if isinstance(exc, ConnectionRefusedError):
             return (f"Cannot reach {self.url}: nothing listens there. Is vLLM-Omni running on that host and port? "
