@@ -101,7 +101,8 @@ def test_runs_without_comfyui(pack, monkeypatch):
 
 def test_cancel_stops_waiting_and_sends_nothing_more(pack, host, status):
     with stand_ins(2, delay=20.0) as servers:
-        host.on_progress = lambda value, total: setattr(host, "interrupted", True)
+        # Cancel pressed once both requests are on their servers (progress is reported every second)
+        host.on_progress = lambda value, total: setattr(host, "interrupted", all(s.bodies for s in servers))
         with pytest.raises(Interrupted):
             t2i(pack, server_parts(pack, servers), batch_size=4)
         for _ in range(100):  # up to 5 s for the stand-ins to notice the hang-up

@@ -81,6 +81,7 @@ class StandIn:
         self.headers: list = []       # headers of every request
         self.paths: list = []         # (method, path) of every request
         self.hung_up = 0              # image requests whose client closed the connection while it waited
+        self.spans: list = []         # (start, end) monotonic times of each answered image request
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -161,6 +162,7 @@ class StandIn:
                     self.reply(400, {"detail": f"Model mismatch: request specifies '{body['model']}' but server "
                                                f"is running '{stand_in.model}'."})
                     return
+                started = time.monotonic()
                 if stand_in.delay and not self.wait(stand_in.delay):
                     return
                 if stand_in.fail_at is not None and number >= stand_in.fail_at:
@@ -169,6 +171,8 @@ class StandIn:
                 images = [picture(body) for _ in range(body.get("n", 1))]
                 data = [{"b64_json": "not base64!" if stand_in.bad_image else png_b64(im), "revised_prompt": None}
                         for im in images]
+                with stand_in.lock:
+                    stand_in.spans.append((started, time.monotonic()))
                 self.reply(200, {"created": int(time.time()), "data": data, "output_format": "png",
                                  "size": body["size"], "metrics": {}})
 
