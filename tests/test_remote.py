@@ -301,3 +301,23 @@ def test_cancel_stops_waiting_at_once_and_sends_nothing_more():
 def test_remote_errors_are_nextstep_errors():
     """The CLI and the nodes show these as user errors (no traceback)."""
     assert issubclass(ServerError, NextStepError)
+
+
+def test_cancel_also_works_while_a_server_is_being_checked():
+    """A host that takes the connection but never answers /health: Cancel ends the wait (without
+    it the check would end only at its 15 s timeout, with a ServerError instead)."""
+    class Stop(BaseException):
+        pass
+
+    calls = []
+
+    def check():
+        calls.append(1)
+        if len(calls) >= 3:
+            raise Stop()
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        with pytest.raises(Stop):
+            draw([f"http://127.0.0.1:{silent.getsockname()[1]}"], request(), check=check)

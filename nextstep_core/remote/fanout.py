@@ -45,9 +45,34 @@ class RemoteResult:
     model: str = ""
 
 
-def check_servers(servers: list, model: Optional[str]) -> list:
-    """Every server up and serving the same NextStep-1.1 -> the served id of each."""
-    served = [s.probe(model) for s in servers]
+def check_servers(servers: list, model: Optional[str], check: Optional[Callable[[], None]] = None) -> list:
+    """Every server up and serving the same NextStep-1.1 -> the served id of each. The servers are
+    asked in parallel, and Cancel is looked at while they answer."""
+    events: queue.Queue = queue.Queue()
+
+    def probe(k: int, server: Server) -> None:
+        try:
+            events.put((k, server.probe(model), None))
+        except Aborted:
+            pass
+        except Exception as exc:
+            events.put((k, None, exc if isinstance(exc, ServerError) else
+                        ServerError(f"{server.url}: {type(exc).__name__}: {exc}")))
+
+    for k, server in enumerate(servers):
+        threading.Thread(target=probe, args=(k, server), daemon=True, name=f"nextstep-probe-{k}").start()
+    served = [None] * len(servers)
+    for _ in servers:
+        while True:
+            try:
+                k, name, error = events.get(timeout=POLL_S)
+                break
+            except queue.Empty:
+                if check is not None:
+                    check()
+        if error is not None:
+            raise error
+        served[k] = name
     if len({is_pretrain(m) for m in served}) > 1:
         listed = ", ".join(f"{s.url} serves {m}" for s, m in zip(servers, served))
         raise ServerError(f"The servers serve different models ({listed}); images would depend on which server "
@@ -78,13 +103,10 @@ def draw(servers, req, *, model: Optional[str] = None, timeout: float = DEFAULT_
     so may Ctrl-C. Either way nothing more is sent, requests in flight are closed, and it re-raises."""
     count = check_request(req)
     pool = [Server(url, timeout) for url in parse_servers(servers)]
-    served = check_servers(pool, model)
     jobs = image_jobs(req)
     share = [[j for j in jobs if j[0] % len(pool) == k] for k in range(len(pool))]
     events: queue.Queue = queue.Queue()
-    threads = [threading.Thread(target=_worker, args=(s, m, req, js, events), daemon=True,
-                                name=f"nextstep-remote-{k}")
-               for k, (s, m, js) in enumerate(zip(pool, served, share)) if js]
+    threads: list = []
     started = time.monotonic()
     images: dict = {}
     done = [0] * len(pool)
@@ -96,6 +118,10 @@ def draw(servers, req, *, model: Optional[str] = None, timeout: float = DEFAULT_
             on_progress(Progress([s.url for s in pool], list(done), total, time.monotonic() - started))
 
     try:
+        served = check_servers(pool, model, check)
+        threads = [threading.Thread(target=_worker, args=(s, m, req, js, events), daemon=True,
+                                    name=f"nextstep-remote-{k}")
+                   for k, (s, m, js) in enumerate(zip(pool, served, share)) if js]
         for t in threads:
             t.start()
         report()
