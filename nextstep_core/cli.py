@@ -18,7 +18,8 @@ from .samplers import SAMPLERS
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="NextStep model folder (or a Hugging Face repo id to download)")
+    p.add_argument("--model", help="NextStep model folder (or a Hugging Face repo id to download); with --server, "
+                                   "the served model's name to check against")
     p.add_argument("--vae", help="VAE folder or file (default: the model folder's vae/)")
     p.add_argument("--prompt", action="append", default=[], help="prompt; repeat for a batch of prompts")
     p.add_argument("--positive", help="text appended to conditional prompts (default: the model card's)")
@@ -50,6 +51,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output PNG (several images: NAME-0.png, NAME-1.png, ...)")
     p.add_argument("--tokens-out", help="safetensors file with `tokens` [B, h*w, 64] and `images` [B, H, W, 3]")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--server", action="append", help="draw on a vLLM-Omni server (base URL, http://host:8091); repeat "
+                   "to spread the images over several. NextStep-1.1 text-to-image only")
+    p.add_argument("--server-timeout", type=float, help="seconds one image may take on a server (default 1800)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,6 +141,11 @@ def output_paths(out: str, n: int) -> list[str]:
 
 
 def run_generation(args) -> int:
+    if args.server:
+        from .remote.command import run_remote
+        return run_remote(args)
+    if not args.model:
+        raise NextStepError("--model is required: a NextStep model folder or Hugging Face repo id (or --server URL).")
     import torch
     from .checkpoint import load_backbone, load_flow_head, load_vae, model_variant
     from .devices import resolve_device, resolve_dtype
