@@ -19,7 +19,8 @@ from .samplers import SAMPLERS
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="NextStep model folder (or a Hugging Face repo id to download)")
+    p.add_argument("--model", help="NextStep model folder (or a Hugging Face repo id to download); with --server, "
+                                   "the served model's name to check against")
     p.add_argument("--vae", help="VAE folder or file (default: the model folder's vae/)")
     p.add_argument("--prompt", action="append", default=[], help="prompt; repeat for a batch of prompts")
     p.add_argument("--positive", help="text appended to conditional prompts (default: the model card's)")
@@ -46,10 +47,14 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="8-bit backbone weights (about half the memory): quantized while loading a full-precision "
                         "folder, or read from a pre-quantized .safetensors (see `quantize`)")
     p.add_argument("--exact", action="store_true",
-                   help="bit-for-bit parity with StepFun's pipeline (slower: no attention trimming or batched adaLN)")
+                   help="compute as StepFun's pipeline does (on CPU float32 its tokens up to float rounding; "
+                        "slower: no attention trimming or batched adaLN)")
     p.add_argument("--out", required=True, help="output PNG (several images: NAME-0.png, NAME-1.png, ...)")
     p.add_argument("--tokens-out", help="safetensors file with `tokens` [B, h*w, 64] and `images` [B, H, W, 3]")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--server", action="append", help="draw on a vLLM-Omni server (base URL, http://host:8091); repeat "
+                   "to spread the images over several. NextStep-1.1 text-to-image only")
+    p.add_argument("--server-timeout", type=float, help="seconds one image may take on a server (default 1800)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,9 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(e)
     e.add_argument("--image", action="append", required=True, help="input image; repeat for a batch")
     e.add_argument("--cfg-img", type=float, help="image CFG scale (1 = off)")
-    e.add_argument("--fit", default="bucket", choices=["bucket", "center-crop", "resize", "none"],
-                   help="how the input is brought to a multiple of 16 (bucket: nearest official aspect bucket)")
-    e.add_argument("--fit-size", type=int, default=512, help="base size for --fit")
+    e.add_argument("--fit", choices=["bucket", "center-crop", "resize", "none"],
+                   help="how the input image is fitted. With --width/--height (default resize): resize = exactly "
+                        "that size, as StepFun's example; bucket/center-crop = cover it and centre-crop; none = the "
+                        "input as it is. Without a size (default bucket): the nearest official aspect bucket at "
+                        "--fit-size, and the output has the fitted size")
+    e.add_argument("--fit-size", type=int, help="base size for --fit when no --width/--height is given (512)")
     b = sub.add_parser("storyboard", help="panels that continue one story (each sees the panels before it)")
     _common(b)
     b.add_argument("--panel", action="append", default=[], help="a panel prompt; repeat, in story order")
@@ -134,6 +142,11 @@ def output_paths(out: str, n: int) -> list[str]:
 
 
 def run_generation(args) -> int:
+    if args.server:
+        from .remote.command import run_remote
+        return run_remote(args)
+    if not args.model:
+        raise NextStepError("--model is required: a NextStep model folder or Hugging Face repo id (or --server URL).")
     import torch
     from .checkpoint import load_backbone, load_flow_head, load_vae, model_variant
     from .devices import resolve_device, resolve_dtype
@@ -181,9 +194,14 @@ def run_generation(args) -> int:
                                           top_p=args.top_p, text=args.reasoning)
     elif editing:
         req.edit_images = [open_image(p) for p in args.image]
-        req.fit, req.fit_base = args.fit, args.fit_size
         if (args.width is None) != (args.height is None):
             raise NextStepError("Give both --width and --height, or neither (then the output has the input's size).")
+        sized = args.width is not None
+        if sized and args.fit_size is not None:
+            raise NextStepError(f"--fit-size {args.fit_size} applies only without --width/--height (the input is "
+                                f"fitted to {args.width}x{args.height}); drop one of them.")
+        req.fit = args.fit or ("resize" if sized else "bucket")
+        req.fit_base = 512 if args.fit_size is None else args.fit_size
     progress = ProgressLine(sys.stderr, quiet=args.quiet)
     t1 = time.perf_counter()
     if args.command == "storyboard":

@@ -85,6 +85,27 @@ def fit_image(img, mode: str, base: int = 512):
     return img.crop((left, top, left + tw, top + th))
 
 
+def fit_to_size(img, mode: str, width: int, height: int):
+    """Fit an RGB PIL image to an edit whose output size was given. resize: exactly width x height
+    (what StepFun's edit example does: `image.resize(hw)`, PIL's default bicubic filter); bucket and
+    center-crop: scale to cover width x height and centre-crop (the aspect kept); none: as it is
+    (its sides must be multiples of 16; it may differ from the output size)."""
+    from PIL import Image
+    check_size(width, height)
+    if mode == "none":
+        return fit_image(img, "none")
+    if mode == "resize":
+        return img if img.size == (width, height) else img.resize((width, height), Image.BICUBIC)
+    if mode not in FIT_MODES:
+        raise SettingsError(f"Unknown fit mode {mode!r}; choose one of {', '.join(FIT_MODES)}.")
+    w, h = img.size
+    scale = max(width / w, height / h)
+    rw, rh = max(width, round(w * scale)), max(height, round(h * scale))
+    img = img.resize((rw, rh), Image.LANCZOS)
+    left, top = (rw - width) // 2, (rh - height) // 2
+    return img.crop((left, top, left + width, top + height))
+
+
 def to_model_pixels(img) -> torch.Tensor:
     """RGB PIL -> [3, H, W] float32 in [-1, 1] (ToTensor then Normalize(0.5, 0.5))."""
     import numpy as np

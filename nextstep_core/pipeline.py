@@ -17,7 +17,7 @@ from .checkpoint import check_compatible
 from .engine import SamplingSettings, TokenCallback, TokenLoop, noise_for
 from .errors import NextStepError, SettingsError
 from .flow_head import FlowHead
-from .images import check_size, fit_image, to_model_pixels, to_output
+from .images import check_size, fit_image, fit_to_size, to_model_pixels, to_output
 from .noise import make_generator
 from .prompts import PromptRows, build_rows, image_prefix, left_pad, row_texts
 from .reasoning import ReasoningSettings, forced_suffix, generate_reasoning
@@ -31,7 +31,7 @@ MAX_SEED = 2 ** 64 - 1
 @dataclass
 class Request:
     prompts: list
-    width: Optional[int] = 512     # None for edits: the (fitted) input size
+    width: Optional[int] = 512     # edits: None = the fitted input's size; a size = inputs fitted to it
     height: Optional[int] = 512
     positive: str = ""
     negative: str = ""
@@ -95,10 +95,14 @@ class NextStepPipeline:
         elif len(imgs) != len(prompts):
             raise SettingsError(f"{len(prompts)} edit instructions but {len(imgs)} input images: give one "
                                 "instruction, one image, or as many of each.")
-        fitted = [fit_image(imgs[0], req.fit, req.fit_base)]
+        if req.width is not None:  # a size was asked for: the inputs are fitted to it (StepFun's example)
+            fit = lambda img: fit_to_size(img, req.fit, req.width, req.height)  # noqa: E731
+        else:  # no size: the fit mode picks one near fit_base, and the output follows the input
+            fit = lambda img: fit_image(img, req.fit, req.fit_base)  # noqa: E731
+        fitted = [fit(imgs[0])]
         size = fitted[0].size
         for img in imgs[1:]:
-            f = fit_image(img, req.fit, req.fit_base)
+            f = fit(img)
             if f.size != size:
                 from PIL import Image
                 f = f.resize(size, Image.LANCZOS)  # one batch shares one size, as in the reference

@@ -5,6 +5,7 @@ Node ids are stable (saved workflows refer to them); display names are for peopl
 from .edit import NextStepEdit
 from .generate import NextStepTextToImage
 from .loaders import NextStepBackboneLoader, NextStepFlowHeadLoader, NextStepVAELoader
+from .remote import NextStepServer
 from .storyboard import NextStepStoryboard, NextStepStoryboardPanel, NextStepStoryStart
 
 NODE_CLASS_MAPPINGS = {
@@ -16,6 +17,7 @@ NODE_CLASS_MAPPINGS = {
     "NextStepStoryboard": NextStepStoryboard,
     "NextStepStoryStart": NextStepStoryStart,
     "NextStepStoryboardPanel": NextStepStoryboardPanel,
+    "NextStepServer": NextStepServer,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -27,4 +29,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "NextStepStoryboard": "NextStep Storyboard",
     "NextStepStoryStart": "NextStep Story Start",
     "NextStepStoryboardPanel": "NextStep Storyboard Panel",
+    "NextStepServer": "NextStep Server (vLLM-Omni)",
 }

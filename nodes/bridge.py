@@ -151,3 +151,14 @@ def progress_bar(total: int, node_id=None):
 def preview_size() -> int:
     args = getattr(_module("comfy.cli_args"), "args", None)
     return int(getattr(args, "preview_size", 512) or 512)
+
+
+def progress_text(text: str, node_id=None) -> None:
+    """A status line on the node (ComfyUI's PromptServer.send_progress_text), for waits that have
+    no progress of their own; nothing outside ComfyUI or in versions without it."""
+    if node_id is None or not in_comfyui():
+        return
+    instance = getattr(getattr(_module("server"), "PromptServer", None), "instance", None)
+    send = getattr(instance, "send_progress_text", None)
+    if send is not None:
+        send(text, node_id)

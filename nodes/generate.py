@@ -1,7 +1,7 @@
 """NextStep Text to Image."""
 from __future__ import annotations
 
-from . import runner, settings
+from . import remote, runner, settings
 from ..nextstep_core.errors import SettingsError
 from ..nextstep_core.pipeline import Request
 from ..nextstep_core.presets import PRESETS
@@ -90,6 +90,9 @@ class NextStepTextToImage:
             sampling=settings.sampling(backbone, cfg=cfg, cfg_img=1.0, cfg_schedule=cfg_schedule, steps=steps,
                                        timesteps_shift=timesteps_shift, use_norm=use_norm, sampler=sampler),
             reasoning=reasoning_settings(self_cot, reasoning))
+        if remote.is_remote(backbone, flow_head, vae):  # a NextStep Server: vLLM-Omni draws it
+            return {"ui": {"reasoning": [""]}, "result": (remote.text_to_image(backbone, flow_head, vae, request,
+                                                                                 unique_id), "")}
         result = runner.run(backbone, flow_head, vae, request, width=int(width), height=int(height),
                             node_id=unique_id)
         text = reasoning_text(result.reasoning)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from . import bridge
 from .progress import TokenProgress
+from .remote import LOCAL_ONLY, is_remote
 from .sockets import BACKBONE, FLOW_HEAD, VAE, LoadedPart, label
 from ..nextstep_core.checkpoint import attach_lm_head, check_compatible
 from ..nextstep_core.errors import SettingsError
@@ -16,6 +17,8 @@ PROMPT_TOKENS = 512  # a generous prompt length for the memory estimate
 def check_parts(backbone, flow_head, vae) -> None:
     """Raises SettingsError (naming the loader to connect) unless the three inputs are a backbone,
     a flow head and a VAE that fit together and are set to the same device."""
+    if is_remote(backbone, flow_head, vae):
+        raise SettingsError(LOCAL_ONLY)
     for value, kind, node in ((backbone, BACKBONE, "NextStep Backbone Loader"),
                               (flow_head, FLOW_HEAD, "NextStep Flow Head Loader"),
                               (vae, VAE, "NextStep VAE Loader")):

@@ -14,7 +14,8 @@ sys.path.insert(0, str(ROOT))
 OFFICIAL_FIXTURE = ROOT.parent / "shared" / "fixtures" / "nextstep-tiny-official-layout"
 GOLDEN = ROOT / "tests" / "golden"
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+if not os.environ.get("OMP_NUM_THREADS"):  # a thread count you set is kept (the bounds cover 1 or 2)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session")

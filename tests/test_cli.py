@@ -121,3 +121,25 @@ def test_model_argument_is_a_path_or_a_hub_repo_id(tiny_model, monkeypatch, tmp_
     assert asked == []
     assert resolve_model("stepfun-ai/NextStep-1-Large") == str(tmp_path)
     assert asked == ["stepfun-ai/NextStep-1-Large"]
+
+
+def test_edit_with_a_size_gives_stepfuns_tokens_for_the_same_arguments(tmp_path):
+    """StepFun's edit example resizes the input to hw and draws hw: `edit --width 64 --height 64` on a
+    64x64 input is conditioned on its 16 input tokens, and gives the official tokens."""
+    import parity_support as ps
+    model = ps.write_models(tmp_path)["edit"]
+    a = ps.CASES["edit"]
+    toks = tmp_path / "e.safetensors"
+    cli("edit", "--model", model, "--image", ps.GOLDEN / a["image"], "--prompt", a["captions"].replace("<image>", ""),
+        "--width", 64, "--height", 64, "--cfg", a["cfg"], "--cfg-img", a["cfg_img"], "--steps",
+        a["num_sampling_steps"], "--shift", a["timesteps_shift"], "--use-norm", "--negative", a["negative_prompt"],
+        "--positive", "", "--seed", a["seed"], "--exact", "--quiet", "--out", tmp_path / "e.png", "--tokens-out", toks)
+    ps.assert_tokens_close(load_file(toks)["tokens"], ps.golden("edit")["tokens"])
+
+
+def test_fit_size_with_an_output_size_is_refused(tiny_edit_model, tmp_path):
+    src = tmp_path / "in.png"
+    Image.new("RGB", (64, 64)).save(src)
+    proc = cli("edit", "--model", tiny_edit_model, "--prompt", "x", "--image", src, "--width", 64, "--height", 64,
+               "--fit-size", 256, "--out", tmp_path / "e.png", *FAST, ok=False)
+    assert proc.returncode == 2 and "--fit-size 256 applies only without --width/--height" in proc.stderr

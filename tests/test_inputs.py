@@ -95,3 +95,28 @@ def test_the_callback_sees_every_token_and_can_cancel(tiny_pipeline):
         tiny_pipeline.run(Request(["x"], 32, 48, sampling=QUICK), cb)
     assert seen == [(1, 6), (2, 6), (3, 6)]
     assert tiny_pipeline.run(Request(["x"], 32, 32, sampling=QUICK)).tokens.shape == (1, 4, 64)
+
+
+def _input_tokens(result, tokenizer) -> int:
+    return int((result.rows.input_ids[0] == tokenizer.placeholder_id).sum())
+
+
+@pytest.mark.parametrize("fit,size,want_out,want_in", [
+    ("resize", (64, 32), (32, 64), 2 * 4),    # the input stretched to the output size (StepFun's example)
+    ("bucket", (64, 32), (32, 64), 2 * 4),    # covered and centre-cropped to it
+    ("none", (64, 64), (64, 64), 2 * 3),      # the input as it is (48x32); only the output has the size
+    ("bucket", None, (32, 48), 2 * 3),        # no size: the nearest bucket at fit_base, output = fitted input
+])
+def test_edit_inputs_follow_the_output_size_when_one_is_given(tiny_edit_model, fit, size, want_out, want_in):
+    from PIL import Image
+    from nextstep_core.checkpoint import load_backbone, load_flow_head, load_vae
+    from nextstep_core.pipeline import NextStepPipeline
+    bb, tok = load_backbone(tiny_edit_model)
+    pipe = NextStepPipeline(bb, tok, load_flow_head(tiny_edit_model), load_vae(tiny_edit_model))
+    img = Image.new("RGB", (48, 32), (200, 30, 30))
+    w, h = size or (None, None)
+    req = Request(["make it blue"], w, h, seed=1, edit_images=[img], fit=fit, fit_base=32,
+                  sampling=SamplingSettings(steps=2, cfg=2.0, cfg_img=1.5))
+    result = pipe.run(req)
+    assert tuple(result.images.shape[1:3]) == want_out
+    assert _input_tokens(result, tok) == want_in

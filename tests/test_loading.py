@@ -11,6 +11,7 @@ from nextstep_core.engine import SamplingSettings
 from nextstep_core.errors import CheckpointError
 from nextstep_core.pipeline import NextStepPipeline, Request
 from nextstep_core.tiny import write_tiny
+from parity_support import assert_tokens_close
 
 QUICK = SamplingSettings(steps=3)
 
@@ -23,6 +24,7 @@ def pipeline(folder):
 def test_the_checkpoint_written_by_another_program_loads_and_generates(official_fixture):
     pipe = pipeline(official_fixture)
     assert not pipe.backbone.cfg.o_bias and pipe.backbone.lm_head is None
+    assert pipe.tokenizer.boi_id == pipe.backbone.cfg.ids["boi"]  # special ids found by name agree with config
     out = pipe.run(Request(["a lighthouse"], 48, 32, seed=3, sampling=QUICK))
     assert out.images.shape == (1, 32, 48, 3) and out.tokens.shape == (1, 6, 64)
 
@@ -34,7 +36,10 @@ def test_sharded_v11_checkpoint_with_o_bias_equals_its_single_file_twin(tmp_path
     a, b = pipeline(one), pipeline(many)
     assert a.backbone.cfg.o_bias and a.backbone.layers[0].self_attn.o_proj.bias is not None
     req = Request(["x"], 32, 32, seed=1, sampling=QUICK)
-    assert torch.equal(a.run(req).tokens, b.run(req).tokens)
+    for (k, v), (k2, v2) in zip(sorted(a.backbone.state_dict().items()), sorted(b.backbone.state_dict().items())):
+        assert k == k2 and torch.equal(v, v2), k  # the same numbers read from one file or three
+    # weights memory-mapped at other offsets may take other SIMD paths: the last bits can move
+    assert_tokens_close(a.run(req).tokens, b.run(req).tokens)
     assert model_variant(one) == "nextstep1.1"
 
 
