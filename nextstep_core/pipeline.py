@@ -6,7 +6,6 @@ image everywhere.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field
 from typing import Optional
 

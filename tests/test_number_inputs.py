@@ -99,3 +99,28 @@ def test_edit_size_is_reported_on_size_only(pack):
     assert [e[0] for e in errors] == ["size"] and "size=1000 cannot be used" in errors[0][1]
     assert validate_widgets(cls, {**defaults, "size": 512, "cfg_img": float("inf")}) == [
         ("cfg_img", "Value inf bigger than max of 30.0")]
+
+
+def test_server_timeout_refuses_nan_and_infinities(pack):
+    """The server node's timeout is an INT (ComfyUI's own conversion refuses NaN there, on that
+    input); the engine's Server, which the CLI's --server-timeout reaches, refuses them itself."""
+    Server = pack.nextstep_core.remote.servers.Server
+    ServerError = pack.nextstep_core.remote.servers.ServerError
+    for bad in (float("nan"), float("inf"), 0, -5):
+        with pytest.raises(ServerError, match=rf"^Server timeout {bad} s must be a positive finite number"):
+            Server("http://127.0.0.1:9", bad)
+    cls = pack.NODE_CLASS_MAPPINGS["NextStepServer"]
+    assert cls.INPUT_TYPES()["required"]["timeout"][0] == "INT"
+    defaults = {k: v for k, v in widget_defaults(cls).items() if v is not None}
+    errors = validate_widgets(cls, {**defaults, "timeout": float("nan")})
+    assert [e[0] for e in errors] == ["timeout"] and "Failed to convert" in errors[0][1]
+
+
+def test_cli_server_timeout_nan_is_refused(tmp_path):
+    import subprocess
+    import sys
+    from conftest import ROOT as root
+    proc = subprocess.run([sys.executable, "-m", "nextstep_core", "generate", "--server", "http://127.0.0.1:9",
+                           "--server-timeout", "nan", "--prompt", "x", "--out", str(tmp_path / "x.png")],
+                          cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Server timeout nan s must be a positive finite number" in proc.stderr, proc.stderr

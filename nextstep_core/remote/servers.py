@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import os
 import socket
 import threading
@@ -79,8 +80,9 @@ def describe_detail(payload, text: str) -> str:
 
 class Server:
     def __init__(self, url: str, timeout: float = DEFAULT_TIMEOUT):
-        if not timeout or timeout <= 0:
-            raise ServerError(f"Server timeout {timeout} s must be positive (the default is {DEFAULT_TIMEOUT:.0f} s).")
+        if not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:  # NaN passes `<= 0`
+            raise ServerError(f"Server timeout {timeout} s must be a positive finite number of seconds (the default "
+                              f"is {DEFAULT_TIMEOUT:.0f} s).")
         parts = urlsplit(url)
         self.url, self.timeout = url, float(timeout)
         self._https, self._host, self._port = parts.scheme == "https", parts.hostname, parts.port
