@@ -143,7 +143,7 @@ MEASURED_HEIGHT = {  # type: (widgets incl. control_after_generate, least height
     "NextStepBackboneLoader": (4, 170), "NextStepFlowHeadLoader": (3, 142), "NextStepVAELoader": (3, 142),
     "NextStepTextToImage": (15, 647), "NextStepEdit": (14, 563), "NextStepStoryStart": (12, 571),
     "NextStepStoryboard": (15, 716), "NextStepStoryboardPanel": (3, 183),
-    "SaveImage": (1, 70), "LoadImage": (2, 326), "Note": (1, 88),
+    "NextStepServer": (3, 230), "SaveImage": (1, 70), "LoadImage": (2, 326), "Note": (1, 88),
 }
 
 
