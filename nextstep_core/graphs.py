@@ -31,7 +31,7 @@ class StaticStep:
         loop, bb = self.loop, self.loop.bb
         tok = loop.sample_token(self.hidden, self.noise, self.scale, self.cfg_mult)
         e = bb.image_in_projector(tok).repeat(self.cfg_mult, 1)
-        h = bb.step_at(e[:, None], self.cache, self.pos)[:, -1]
+        h = bb.step_at(e[:, None], self.cache, self.pos, fast=not loop.s.exact)[:, -1]
         if self.token is None:
             self.token = tok.clone()
         else:
@@ -82,6 +82,7 @@ def graphed_loop(loop, hidden, cache, cfg_mult: int, n_tokens: int):
         return None
     from .samplers import draws_per_token
     shape = (draws_per_token(loop.s.sampler, loop.s.steps), hidden.shape[0] // cfg_mult, loop.bb.cfg.token_dim)
+    loop.bb.rope(cache.max_len)  # built now: building it copies from the host, which capture cannot do
     step = StaticStep(loop, hidden, cache, cfg_mult, shape)
     try:
         step.capture()
