@@ -42,7 +42,9 @@ def _fused_tensor(ts):
         base = ts[0]
         rows = sum(t.shape[0] for t in ts)
         return base.as_strided((rows,) + tuple(base.shape[1:]), base.stride())
-    with torch.no_grad():
+    # the members' new storage is of the kind they had: ordinary weights must stay editable in
+    # place later (weight patching) even when the first fused call ran in inference mode
+    with torch.inference_mode(ts[0].is_inference()), torch.no_grad():
         buf = torch.cat([t.detach() for t in ts])
         start = 0
         for t in ts:
