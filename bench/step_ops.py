@@ -91,8 +91,7 @@ def build(layers=4, heads=8, kv=2, head_dim=16, mlp=96, head_width=64, head_laye
 def make_step(bb, head, settings: SamplingSettings, rows=2, cfg_mult=2, prompt=8, n_tokens=16):
     """A prefilled cache and the StaticStep of its first image token, as `graphed_loop` makes it."""
     ids = torch.randint(0, 200, (rows, prompt), generator=torch.Generator().manual_seed(1))
-    cache = bb.new_cache(rows, bb.padded_cache_len(prompt + n_tokens, settings.exact)
-                         if hasattr(bb, "padded_cache_len") else prompt + n_tokens)
+    cache = bb.new_cache(rows, bb.padded_cache_len(prompt + n_tokens, settings.exact))
     hidden = bb.prefill(bb.embed(ids), torch.ones_like(ids), cache, None if settings.exact else prompt)[:, -1]
     loop = TokenLoop(bb, head, settings)
     loop.schedule(rows, n_tokens, hidden.device)

@@ -243,6 +243,14 @@ class Backbone(nn.Module):
         return StaticKVCache(self.cfg.num_layers, batch, self.cfg.num_kv_heads, max_len, self.cfg.head_dim,
                              self.dtype, self.device)
 
+    def padded_cache_len(self, positions: int, exact: bool) -> int:
+        """Cache slots for `positions`: exactly that many on the parity path (the attended length
+        moves its rounding), else rounded up to a multiple of 16, the row alignment SDPA's fused
+        kernels want for the mask of the whole-cache (captured) step; the spare slots stay masked."""
+        if exact or positions > self.cfg.max_position_embeddings:
+            return positions
+        return min(-(-positions // 16) * 16, self.cfg.max_position_embeddings)
+
     def cache_bytes(self, batch: int, max_len: int) -> int:
         """Keys + values for every layer, in the model dtype: what a run needs beyond the weights."""
         c = self.cfg

@@ -90,3 +90,16 @@ def test_fused_weights_share_storage_stay_editable_and_survive_moves():
 def test_modules_that_cannot_be_fused_are_refused():
     assert fused_linear([nn.Linear(4, 4), nn.Linear(4, 4, bias=False)]) is None
     assert fused_linear([nn.Linear(4, 4), nn.Conv1d(4, 4, 1)]) is None
+
+
+def test_gpu_benchmark_script_runs_on_cpu(capsys):
+    """The device script keeps working where CI runs (toy shapes, CPU): every figure it reports is printed."""
+    from bench.gpu_token_loop import main
+    main(["--small", "--device", "cpu", "--dtype", "float32", "--size", "32", "--steps", "3", "--reps", "1",
+          "--formats", "full,int8"])
+    out = capsys.readouterr().out
+    assert out.count("SDPA backend at decode shapes") == 2 and "fast (folded): " in out
+    for line in ("backbone step (fast)", "flow head, 3 steps", "whole step, eager", "bytes per token", "32x32 image"):
+        assert line in out
+    eager = [int(row.split("|")[3]) for row in out.splitlines() if row.startswith("| whole step, eager")]
+    assert len(eager) == 2 and all(k > 0 for k in eager)
