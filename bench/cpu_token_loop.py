@@ -28,6 +28,9 @@ from nextstep_core.flow_head import FlowHead  # noqa: E402
 from nextstep_core.noise import make_generator  # noqa: E402
 
 
+HEAD_PARTS = ("prepare", "velocity", "prepare_fast", "velocity_fast")  # the exact and the fast path's
+
+
 def build(args):
     torch.manual_seed(0)
     cfg = BackboneConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=8, num_kv_heads=2,
@@ -54,10 +57,10 @@ def timed(obj, name, timers, key):
 
 def run_engine(bb, head, ids, mask, n_tokens, args):
     timers = defaultdict(float)
-    s = SamplingSettings(cfg=args.cfg, steps=args.steps)
+    s = SamplingSettings(cfg=args.cfg, steps=args.steps, exact=args.exact)
     timed(bb, "step", timers, "backbone")
-    timed(head, "prepare", timers, "head")
-    timed(head, "velocity", timers, "head")
+    for name in HEAD_PARTS:
+        timed(head, name, timers, "head")
     t0 = time.perf_counter()
     cache = bb.new_cache(ids.shape[0], ids.shape[1] + n_tokens)
     hidden = bb.prefill(bb.embed(ids), mask, cache, ids.shape[1])[:, -1]
@@ -66,7 +69,7 @@ def run_engine(bb, head, ids, mask, n_tokens, args):
     t1 = time.perf_counter()
     TokenLoop(bb, head, s).run(hidden, cache, 2, n_tokens, noise)
     total = time.perf_counter() - t1
-    for name in ("step", "prepare", "velocity"):
+    for name in ("step",) + HEAD_PARTS:
         for obj in (bb, head):
             obj.__dict__.pop(name, None)
     return total, timers
@@ -89,6 +92,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--cfg", type=float, default=7.5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--exact", action="store_true", help="time the engine's bit-parity path instead of the fast one")
+    ap.add_argument("--quant", choices=["int8", "fp8"], help="8-bit backbone weights for the engine row")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     bb, head = build(args)
@@ -96,9 +101,12 @@ def main(argv=None):
     ids = torch.randint(0, 1000, (2, 24))
     mask = torch.ones_like(ids)
     with torch.inference_mode():
+        ref_total, ref = run_reference(bb, head, ids, mask, n_tokens, args)
+        if args.quant:
+            from nextstep_core.quant import quantize_backbone
+            quantize_backbone(bb, args.quant)
         run_engine(bb, head, ids, mask, 4, args)  # warm-up
         eng_total, eng = run_engine(bb, head, ids, mask, n_tokens, args)
-        ref_total, ref = run_reference(bb, head, ids, mask, n_tokens, args)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     def row(name, total, tm):
@@ -111,7 +119,8 @@ def main(argv=None):
           f"{args.size}x{args.size} ({n_tokens} tokens), {args.steps} steps, cfg {args.cfg} (2 CFG rows)")
     print("| loop | generate s | ms/token | backbone ms/token | head ms/token | other ms/token | images/min |")
     print("|---|---|---|---|---|---|---|")
-    print(row("engine", eng_total, eng))
+    print(row(f"engine{', exact' if args.exact else ''}{', ' + args.quant + ' backbone' if args.quant else ''}",
+              eng_total, eng))
     print(row("reference (no hoisting, growing cache)", ref_total, ref))
     print(f"\nspeed-up engine vs reference: {ref_total / eng_total:.2f}x "
           f"(head {ref['head'] / max(eng['head'], 1e-9):.2f}x, backbone {ref['backbone'] / max(eng['backbone'], 1e-9):.2f}x); "

@@ -46,6 +46,8 @@ class TokenLoop:
         self.bb, self.head, self.s = backbone, head, settings
         if settings.compile:
             # optional and never required: the eager step is the reference, compiling only fuses it
+            if not settings.exact:
+                head.fused_modulation()  # the fused weight layout is made eagerly, before tracing
             self.sample_token = torch.compile(self.sample_token, backend=settings.compile, dynamic=False)
 
     def _kv(self, cache: StaticKVCache, extra: int) -> Optional[int]:

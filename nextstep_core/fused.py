@@ -55,7 +55,10 @@ def _fused_tensor(ts):
 
 def fused_linear(mods) -> nn.Module | None:
     """A module computing torch.cat([m(x) for m in mods], -1) in one product, or None when the
-    members cannot be fused (different kinds, mixed biases, or a module we do not know)."""
+    members cannot be fused (different kinds, mixed biases, or a module we do not know), or when
+    called first inside torch.compile (the layout is made eagerly; compiled code only reads it)."""
+    if torch.compiler.is_compiling():
+        return None
     kinds = {type(m) for m in mods}
     if len(kinds) != 1:
         return None
@@ -85,6 +88,8 @@ class FusedLinear:
     def tensors(self) -> dict:
         """The fused weight/scale/bias, laid out again if a move split the members apart."""
         cur = self._tensors
+        if torch.compiler.is_compiling():  # graphs are guarded on their inputs; addresses are not traceable
+            return cur
         for a in _ATTRS:
             if cur[a] is None:
                 continue
