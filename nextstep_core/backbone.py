@@ -110,7 +110,6 @@ class Attention(nn.Module):
         out = attend(q, cache.keys[layer], cache.values[layer], mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, 1, -1))
 
-
     def fused_qkv(self):
         """q|k|v as one product (see fused.py); rebuilt if the projections were replaced."""
         f = getattr(self, "_qkv", None)
@@ -124,7 +123,7 @@ class Attention(nn.Module):
         for attention the query heads of each KV group folded into the query length (q_len 1
         -> q_len = group size), so SDPA needs no GQA support and the [B,1,1,L] mask simply
         broadcasts. `write` is the position: an int, or a 1-element device tensor (captured
-        step). Returns residual + attention output. Same maths as `forward`; only rounding moves."""
+        step). Returns the attention output before o_proj. Same maths as `forward`; only rounding moves."""
         b = x.shape[0]
         nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         f = self.fused_qkv() if fused else None
