@@ -4,7 +4,8 @@ against a straightforward reference loop on the same random weights in the same 
     python bench/cpu_token_loop.py            # small config: hidden 512, 8 layers, 256x256, 28 steps, cfg 7.5
 
 Prints a markdown table; the ratio column is the figure to quote (absolute times drift with the
-machine). Peak RSS is the whole process's high-water mark.
+machine). "CPU s" is the process CPU time of the loop (all threads), which moves much less than wall
+time when other work shares the cores. Peak RSS is the whole process's high-water mark.
 """
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ from nextstep_core.flow_head import FlowHead  # noqa: E402
 from nextstep_core.noise import make_generator  # noqa: E402
 
 
+HEAD_PARTS = ("prepare", "velocity", "prepare_fast", "velocity_fast")  # the exact and the fast path's
+
+
 def build(args):
     torch.manual_seed(0)
     cfg = BackboneConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=8, num_kv_heads=2,
@@ -42,7 +46,9 @@ def build(args):
 
 
 def timed(obj, name, timers, key):
-    fn = getattr(obj, name)
+    fn = getattr(obj, name, None)
+    if fn is None:
+        return
 
     def wrapper(*a, **k):
         t0 = time.perf_counter()
@@ -54,19 +60,20 @@ def timed(obj, name, timers, key):
 
 def run_engine(bb, head, ids, mask, n_tokens, args):
     timers = defaultdict(float)
-    s = SamplingSettings(cfg=args.cfg, steps=args.steps)
+    s = SamplingSettings(cfg=args.cfg, steps=args.steps, exact=args.exact)
     timed(bb, "step", timers, "backbone")
-    timed(head, "prepare", timers, "head")
-    timed(head, "velocity", timers, "head")
+    for name in HEAD_PARTS:
+        timed(head, name, timers, "head")
     t0 = time.perf_counter()
     cache = bb.new_cache(ids.shape[0], ids.shape[1] + n_tokens)
     hidden = bb.prefill(bb.embed(ids), mask, cache, ids.shape[1])[:, -1]
     timers["prefill"] = time.perf_counter() - t0
     noise = noise_for(s, make_generator(0), 1, ids.shape[0] // 2, 64, "cpu", n_tokens)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     TokenLoop(bb, head, s).run(hidden, cache, 2, n_tokens, noise)
     total = time.perf_counter() - t1
-    for name in ("step", "prepare", "velocity"):
+    timers["cpu"] = time.process_time() - c1
+    for name in ("step",) + HEAD_PARTS:
         for obj in (bb, head):
             obj.__dict__.pop(name, None)
     return total, timers
@@ -74,8 +81,9 @@ def run_engine(bb, head, ids, mask, n_tokens, args):
 
 def run_reference(bb, head, ids, mask, n_tokens, args):
     timers = defaultdict(float)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     reference_tokens(bb, head, ids, mask, 2, n_tokens, args.steps, args.cfg, 1.0, make_generator(0), timers)
+    timers["cpu"] = time.process_time() - c0  # includes its (small) prefill
     return time.perf_counter() - t0 - timers["prefill"], timers
 
 
@@ -89,6 +97,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--cfg", type=float, default=7.5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--exact", action="store_true", help="time the engine's bit-parity path instead of the fast one")
+    ap.add_argument("--quant", choices=["int8", "fp8"], help="8-bit backbone weights for the engine row")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     bb, head = build(args)
@@ -96,24 +106,28 @@ def main(argv=None):
     ids = torch.randint(0, 1000, (2, 24))
     mask = torch.ones_like(ids)
     with torch.inference_mode():
+        ref_total, ref = run_reference(bb, head, ids, mask, n_tokens, args)
+        if args.quant:
+            from nextstep_core.quant import quantize_backbone
+            quantize_backbone(bb, args.quant)
         run_engine(bb, head, ids, mask, 4, args)  # warm-up
         eng_total, eng = run_engine(bb, head, ids, mask, n_tokens, args)
-        ref_total, ref = run_reference(bb, head, ids, mask, n_tokens, args)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     def row(name, total, tm):
         per = lambda s: s / n_tokens * 1000
         other = total - tm["backbone"] - tm["head"]
-        return (f"| {name} | {total:.2f} | {per(total):.1f} | {per(tm['backbone']):.1f} | {per(tm['head']):.1f} | "
-                f"{per(other):.1f} | {60 / total:.2f} |")
+        return (f"| {name} | {total:.2f} | {tm['cpu']:.2f} | {per(total):.1f} | {per(tm['backbone']):.1f} | "
+                f"{per(tm['head']):.1f} | {per(other):.1f} | {60 / total:.2f} |")
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads; "
           f"hidden {args.hidden} x {args.layers} layers, head {args.head_width} x {args.head_layers}, "
           f"{args.size}x{args.size} ({n_tokens} tokens), {args.steps} steps, cfg {args.cfg} (2 CFG rows)")
-    print("| loop | generate s | ms/token | backbone ms/token | head ms/token | other ms/token | images/min |")
-    print("|---|---|---|---|---|---|---|")
-    print(row("engine", eng_total, eng))
+    print("| loop | generate s | CPU s | ms/token | backbone ms/token | head ms/token | other ms/token | images/min |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(row(f"engine{', exact' if args.exact else ''}{', ' + args.quant + ' backbone' if args.quant else ''}",
+              eng_total, eng))
     print(row("reference (no hoisting, growing cache)", ref_total, ref))
-    print(f"\nspeed-up engine vs reference: {ref_total / eng_total:.2f}x "
+    print(f"\nspeed-up engine vs reference: {ref_total / eng_total:.2f}x wall, {ref['cpu'] / eng['cpu']:.2f}x CPU time "
           f"(head {ref['head'] / max(eng['head'], 1e-9):.2f}x, backbone {ref['backbone'] / max(eng['backbone'], 1e-9):.2f}x); "
           f"peak RSS {rss:.0f} MiB")
 

@@ -56,9 +56,21 @@ class Rope:
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = emb.cos().to(dtype)
         self.sin = emb.sin().to(dtype)
+        # sin with its first half negated: rotate_half(x) * sin == swap_halves(x) * sin_signed,
+        # bit for bit (a negation is exact), without the negation and cat per call
+        half = head_dim // 2
+        self.sin_signed = torch.cat((-self.sin[:, :half], self.sin[:, half:]), dim=-1)
 
     def slice(self, start: int, count: int):
         return self.cos[start:start + count][None, None], self.sin[start:start + count][None, None]
+
+    def signed_slice(self, start: int, count: int):
+        return self.cos[start:start + count][None, None], self.sin_signed[start:start + count][None, None]
+
+
+def swap_halves(x: torch.Tensor) -> torch.Tensor:
+    """[x1, x2] -> [x2, x1] over the last dim: one copy (a flip of a [2, half] view)."""
+    return x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
 
 
 class Attention(nn.Module):
@@ -98,6 +110,42 @@ class Attention(nn.Module):
         out = attend(q, cache.keys[layer], cache.values[layer], mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, 1, -1))
 
+    def fused_qkv(self):
+        """q|k|v as one product (see fused.py); rebuilt if the projections were replaced."""
+        f = getattr(self, "_qkv", None)
+        if f is None or f.mods[0] is not self.q_proj or f.mods[1] is not self.k_proj or f.mods[2] is not self.v_proj:
+            from .fused import fused_linear
+            f = self._qkv = fused_linear([self.q_proj, self.k_proj, self.v_proj])
+        return f
+
+    def decode(self, x, cos, sin_signed, cache: StaticKVCache, layer: int, write, mask, kv_len, fused: bool):
+        """The fast path for one new position: one q|k|v product, RoPE on q and k together, and
+        for attention the query heads of each KV group folded into the query length (q_len 1
+        -> q_len = group size), so SDPA needs no GQA support and the [B,1,1,L] mask simply
+        broadcasts. `write` is the position: an int, or a 1-element device tensor (captured
+        step). Returns the attention output before o_proj. Same maths as `forward`; only rounding moves."""
+        b = x.shape[0]
+        nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        f = self.fused_qkv() if fused else None
+        if f is not None:
+            y = f(x)
+        else:
+            y = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        y = y.view(b, nh + 2 * nkv, 1, hd)  # one position: [b, 1, heads, hd] and [b, heads, 1, hd] share memory
+        qk = y[:, :nh + nkv]
+        qk = torch.addcmul(qk * cos, swap_halves(qk), sin_signed)
+        q, k, v = qk[:, :nh], qk[:, nh:], y[:, nh + nkv:]
+        if isinstance(write, torch.Tensor):
+            cache.keys[layer].index_copy_(2, write, k)
+            cache.values[layer].index_copy_(2, write, v)
+            keys, values = cache.keys[layer], cache.values[layer]
+        else:
+            cache.keys[layer][:, :, write:write + 1] = k
+            cache.values[layer][:, :, write:write + 1] = v
+            keys, values = cache.keys[layer][:, :, :kv_len], cache.values[layer][:, :, :kv_len]
+        out = F.scaled_dot_product_attention(q.reshape(b, nkv, nh // nkv, hd), keys, values, attn_mask=mask)
+        return out.reshape(b, 1, nh * hd)
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: BackboneConfig, ops=nn):
@@ -109,6 +157,23 @@ class MLP(nn.Module):
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
+    def fused_gate_up(self):
+        f = getattr(self, "_gate_up", None)
+        if f is None or f.mods[0] is not self.gate_proj or f.mods[1] is not self.up_proj:
+            from .fused import fused_linear
+            f = self._gate_up = fused_linear([self.gate_proj, self.up_proj])
+        return f
+
+    def decode(self, residual, x, fused: bool):
+        """residual + MLP(x) with gate|up as one product and the residual added in the last GEMM."""
+        from .fused import linear_add
+        f = self.fused_gate_up() if fused else None
+        if f is not None:
+            gate, up = f.split(f(x))
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return linear_add(residual, self.down_proj, F.silu(gate) * up)
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: BackboneConfig, ops=nn):
@@ -118,9 +183,20 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, ops)
 
-    def forward(self, x, cos, sin, cache, layer, start, mask, kv_len):
+    def forward(self, x, cos, sin, cache, layer, start, mask, kv_len, fast: bool = False, fused: bool = True):
+        """`fast` (one position, sin given as `Rope.sin_signed`): the fused decode path."""
+        if fast:
+            return self.decode(x, cos, sin, cache, layer, start, mask, kv_len, fused)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, start, mask, kv_len)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def decode(self, x, cos, sin_signed, cache, layer, write, mask, kv_len, fused: bool):
+        from .fused import linear_add
+        n1, n2 = self.input_layernorm, self.post_attention_layernorm
+        h = F.rms_norm(x, x.shape[-1:], n1.weight, n1.eps)
+        attn = self.self_attn
+        x = linear_add(x, attn.o_proj, attn.decode(h, cos, sin_signed, cache, layer, write, mask, kv_len, fused))
+        return self.mlp.decode(x, F.rms_norm(x, x.shape[-1:], n2.weight, n2.eps), fused)
 
 
 class Backbone(nn.Module):
@@ -166,6 +242,14 @@ class Backbone(nn.Module):
         return StaticKVCache(self.cfg.num_layers, batch, self.cfg.num_kv_heads, max_len, self.cfg.head_dim,
                              self.dtype, self.device)
 
+    def padded_cache_len(self, positions: int, exact: bool) -> int:
+        """Cache slots for `positions`: exactly that many on the parity path (the attended length
+        moves its rounding), else rounded up to a multiple of 16, the row alignment SDPA's fused
+        kernels want for the mask of the whole-cache (captured) step; the spare slots stay masked."""
+        if exact or positions > self.cfg.max_position_embeddings:
+            return positions
+        return min(-(-positions // 16) * 16, self.cfg.max_position_embeddings)
+
     def cache_bytes(self, batch: int, max_len: int) -> int:
         """Keys + values for every layer, in the model dtype: what a run needs beyond the weights."""
         c = self.cfg
@@ -175,6 +259,17 @@ class Backbone(nn.Module):
         r = self._rope
         if r is None or r.cos.shape[0] < length or r.cos.device != self.device or r.cos.dtype != self.dtype:
             r = self._rope = Rope(self.cfg.head_dim, self.cfg.rope_theta, max(length, 1024), self.dtype, self.device)
+        return r
+
+    def rope_built(self, length: int) -> Rope:
+        """The table a captured step reads. Building it copies from the host, which a CUDA graph
+        capture cannot do (capture would fail and the run silently fall back to eager), so
+        `graphed_loop` builds it before capturing and here a rebuild during capture is an error."""
+        r = self._rope
+        if r is None or r.cos.shape[0] < length or r.cos.device != self.device or r.cos.dtype != self.dtype:
+            if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("the RoPE table must be built before CUDA graph capture (Backbone.rope)")
+            r = self.rope(length)
         return r
 
     def embed(self, input_ids: torch.Tensor, image_tokens: torch.Tensor | None = None) -> torch.Tensor:
@@ -190,19 +285,25 @@ class Backbone(nn.Module):
             emb[slots] = self.image_in_projector(image_tokens.to(emb.dtype)).to(emb.dtype)
         return emb
 
-    def _run(self, embeds: torch.Tensor, cache: StaticKVCache, kv_len: int | None) -> torch.Tensor:
+    def _run(self, embeds: torch.Tensor, cache: StaticKVCache, kv_len: int | None, fast: bool = False) -> torch.Tensor:
         """Run `embeds` [batch, n, hidden] at cache positions length..length+n-1 (positions are cache
         positions for every row, pads included, as in the official code); returns final-norm hidden
         states. `kv_len=None` attends over the whole preallocated cache (bit-equal to the official
-        static-cache path); otherwise only the filled prefix is attended (faster, same maths)."""
+        static-cache path); otherwise only the filled prefix is attended (faster, same maths).
+        `fast` (one position only) takes the fused decode path of `DecoderLayer.decode`."""
         start, n = cache.length, embeds.shape[1]
+        fast = fast and n == 1
         kv = cache.max_len if kv_len is None else max(kv_len, start + n)
         mask = cache.additive_mask(start, n, kv)
-        cos, sin = self.rope(cache.max_len).slice(start, n)
+        rope = self.rope(cache.max_len)
+        cos, sin = rope.signed_slice(start, n) if fast else rope.slice(start, n)
+        fused = self.streamer is None  # streamed layers get their weights swapped in per call
         x = embeds
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, start, mask, kv)
+            x = layer(x, cos, sin, cache, i, start, mask, kv, fast, fused)
         cache.length = start + n
+        if fast:
+            return F.rms_norm(x, x.shape[-1:], self.norm.weight, self.norm.eps)
         return self.norm(x)
 
     def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor, cache: StaticKVCache,
@@ -213,15 +314,16 @@ class Backbone(nn.Module):
         return self._run(embeds, cache, kv_len)
 
     def step(self, embeds: torch.Tensor, cache: StaticKVCache, kv_len: int | None = None,
-             valid: torch.Tensor | None = None) -> torch.Tensor:
+             valid: torch.Tensor | None = None, fast: bool = False) -> torch.Tensor:
         """One new position for every row; `valid` [rows] (default all) says which rows really hold
-        a token there (a row that already finished its reasoning gets a masked slot)."""
+        a token there (a row that already finished its reasoning gets a masked slot). `fast`: the
+        fused decode path (same maths, different rounding; never for bit parity)."""
         cache.valid[:, cache.length:cache.length + embeds.shape[1]] = True if valid is None else valid[:, None]
-        return self._run(embeds, cache, kv_len)
+        return self._run(embeds, cache, kv_len, fast)
 
-    def step_at(self, embeds: torch.Tensor, cache: StaticKVCache, pos: torch.Tensor) -> torch.Tensor:
+    def step_at(self, embeds: torch.Tensor, cache: StaticKVCache, pos: torch.Tensor, fast: bool = False) -> torch.Tensor:
         """`step` for one position held in a 1-element device tensor: attends the whole cache with a
-        mask computed on the device (bit-equal to `step(..., kv_len=None)`), and leaves
+        mask computed on the device (bit-equal to `step(..., kv_len=None)` unless `fast`), and leaves
         `cache.length` alone (the caller tracks it); nothing here reads back to the host."""
         cache.valid.index_fill_(1, pos, True)
         slots = torch.arange(cache.max_len, device=pos.device)
@@ -229,10 +331,15 @@ class Backbone(nn.Module):
         mask = torch.zeros(allowed.shape, dtype=cache.dtype, device=pos.device)
         mask.masked_fill_(~allowed, torch.finfo(cache.dtype).min)
         mask = mask[:, None, None]
-        rope = self.rope(cache.max_len)
+        rope = self.rope_built(cache.max_len)
         cos = rope.cos.index_select(0, pos)[None, None]
-        sin = rope.sin.index_select(0, pos)[None, None]
         x = embeds
+        if fast:
+            sin = rope.sin_signed.index_select(0, pos)[None, None]
+            for i, layer in enumerate(self.layers):
+                x = layer.decode(x, cos, sin, cache, i, pos, mask, None, True)
+            return F.rms_norm(x, x.shape[-1:], self.norm.weight, self.norm.eps)
+        sin = rope.sin.index_select(0, pos)[None, None]
         for i, layer in enumerate(self.layers):
             h = layer.input_layernorm(x)
             x = x + layer.self_attn.forward_at(h, cos, sin, cache, i, pos, mask)

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import FlowHeadConfig
@@ -40,8 +41,17 @@ class ResBlock(nn.Module):
         self.mlp = nn.Sequential(ops.Linear(dim, hidden), nn.SiLU(), ops.Linear(hidden, dim))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), ops.Linear(dim, 3 * dim))
 
-    def run(self, x, shift, scale, gate):
-        return x + gate * self.mlp(self.in_ln(x) * (1 + scale) + shift)
+    def run(self, x, shift, scale1, gate):
+        """`scale1` is the reference's `1 + scale`, computed once per token (same bits)."""
+        return x + gate * self.mlp(self.in_ln(x) * scale1 + shift)
+
+    def run_fused(self, x, shift, scale1, gate):
+        """The same block in six kernels: LayerNorm, modulate (one multiply-add), GEMM, SiLU,
+        GEMM, gate + residual (one multiply-add). Only rounding differs from `run`."""
+        lin1, lin2 = self.mlp[0], self.mlp[2]
+        ln = self.in_ln
+        h = torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], ln.weight, ln.bias, ln.eps), scale1)
+        return torch.addcmul(x, gate, lin2(F.silu(lin1(h))))
 
 
 class FinalLayer(nn.Module):
@@ -51,8 +61,11 @@ class FinalLayer(nn.Module):
         self.linear = ops.Linear(dim, out)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), ops.Linear(dim, 2 * dim))
 
-    def run(self, x, shift, scale):
-        return self.linear(self.norm_final(x) * (1 + scale) + shift)
+    def run(self, x, shift, scale1):
+        return self.linear(self.norm_final(x) * scale1 + shift)
+
+    def run_fused(self, x, shift, scale1):
+        return self.linear(torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], None, None, self.norm_final.eps), scale1))
 
 
 class SimpleMLPAdaLN(nn.Module):
@@ -70,14 +83,17 @@ class SimpleMLPAdaLN(nn.Module):
         y = self.time_embed(t) + self.cond_embed(c)
         h = self.input_proj(x)
         for blk in self.res_blocks:
-            h = blk.run(h, *blk.adaLN_modulation(y).chunk(3, dim=-1))
-        return self.final_layer.run(h, *self.final_layer.adaLN_modulation(y).chunk(2, dim=-1))
+            shift, scale, gate = blk.adaLN_modulation(y).chunk(3, dim=-1)
+            h = blk.run(h, shift, 1 + scale, gate)
+        shift, scale = self.final_layer.adaLN_modulation(y).chunk(2, dim=-1)
+        return self.final_layer.run(h, shift, 1 + scale)
 
 
 @dataclass
 class Modulations:
-    """adaLN outputs for every step of one token: blocks[i] = (shift, scale, gate), each
-    [steps, rows, dim]; final = (shift, scale)."""
+    """adaLN outputs for every step of one token, as per-step lists (no indexing per step):
+    blocks[i] = (shift, 1 + scale, gate) with each a list of [rows, dim] over the steps;
+    final = (shift, 1 + scale)."""
     blocks: list
     final: tuple
 
@@ -116,7 +132,9 @@ class FlowHead(nn.Module):
                 out = torch.stack([seq(y[s]) for s in range(steps)])
             else:
                 out = seq(y.reshape(steps * rows, dim)).reshape(steps, rows, -1)
-            return out.chunk(chunks, dim=-1)
+            parts = list(out.chunk(chunks, dim=-1))
+            parts[1] = 1 + parts[1]
+            return tuple(p.unbind(0) for p in parts)
 
         blocks = [mod(b.adaLN_modulation, 3) for b in self.net.res_blocks]
         return Modulations(blocks, mod(self.net.final_layer.adaLN_modulation, 2))
@@ -124,7 +142,45 @@ class FlowHead(nn.Module):
     def velocity(self, x: torch.Tensor, mods: Modulations, step: int) -> torch.Tensor:
         """x-path only: [rows, input_dim] in the head dtype -> velocity in the head dtype."""
         h = self.net.input_proj(x)
-        for blk, (shift, scale, gate) in zip(self.net.res_blocks, mods.blocks):
-            h = blk.run(h, shift[step], scale[step], gate[step])
-        shift, scale = mods.final
-        return self.net.final_layer.run(h, shift[step], scale[step])
+        for blk, (shift, scale1, gate) in zip(self.net.res_blocks, mods.blocks):
+            h = blk.run(h, shift[step], scale1[step], gate[step])
+        shift, scale1 = mods.final
+        return self.net.final_layer.run(h, shift[step], scale1[step])
+
+    def fused_modulation(self):
+        """Every adaLN Linear (12 blocks + final) reads the same SiLU(y): one product for all."""
+        mods = [b.adaLN_modulation[1] for b in self.net.res_blocks] + [self.net.final_layer.adaLN_modulation[1]]
+        f = getattr(self, "_adaln", None)
+        if f is None or any(a is not b for a, b in zip(f.mods, mods)):
+            from .fused import fused_linear
+            f = self._adaln = fused_linear(mods)
+        return f
+
+    def prepare_fast(self, c: torch.Tensor, t_emb: torch.Tensor) -> list:
+        """The fast path's `prepare`: every modulation of every step of one token from one SiLU,
+        one GEMM (all blocks, all steps) and one add that turns each scale into 1 + scale.
+        Returns per step a list of [rows, dim] tensors: (shift, 1+scale, gate) per block, then
+        the final layer's (shift, 1+scale)."""
+        y = F.silu(t_emb + self.net.cond_embed(c)[None])  # [steps, rows, dim]
+        steps, rows, dim = y.shape
+        f = self.fused_modulation()
+        if f is None:
+            mods = [b.adaLN_modulation[1] for b in self.net.res_blocks] + [self.net.final_layer.adaLN_modulation[1]]
+            out = torch.cat([m(y) for m in mods], dim=-1)
+        else:
+            out = f(y)
+        chunks = out.shape[-1] // dim
+        one = getattr(self, "_scale_one", None)
+        if one is None or one.shape[0] != chunks or one.device != out.device or one.dtype != out.dtype:
+            one = torch.zeros(chunks, 1, dtype=out.dtype, device=out.device)
+            one[1::3] = 1  # the scale chunk of every (shift, scale, gate) triple and of the final (shift, scale)
+            self._scale_one = one
+        out = out.view(steps, rows, chunks, dim) + one
+        return [step.unbind(1) for step in out.unbind(0)]
+
+    def velocity_fast(self, x: torch.Tensor, mods: list) -> torch.Tensor:
+        """x-path for one step, from that step's entry of `prepare_fast`."""
+        h = self.net.input_proj(x)
+        for i, blk in enumerate(self.net.res_blocks):
+            h = blk.run_fused(h, mods[3 * i], mods[3 * i + 1], mods[3 * i + 2])
+        return self.net.final_layer.run_fused(h, mods[-2], mods[-1])

@@ -2,8 +2,11 @@
 feedback projection and the backbone step on every CFG row.
 
 The step is written with static shapes and device-side positions (`Backbone.step_at`), so on
-CUDA it is captured once per image as a CUDA graph and replayed per token: a 48-layer step then
-costs the GPU's time, not Python's. Noise and CFG scales are copied into static buffers before
+CUDA it is captured as a CUDA graph and replayed per token: a 48-layer step then costs the GPU's
+time, not Python's. A capture (warm-up, ~3,000 kernels recorded, instantiation, and a device
+synchronisation that empties the caching allocator) is kept on the backbone for the next image
+with the same shapes and settings: it owns its KV cache, the prompt's slots are copied in before
+the first token and the image's slots copied back after the last. Noise and CFG scales are copied into static buffers before
 each replay (device-to-device, no host sync), which keeps a seed's image the same on every
 device. On other devices, or when capture fails, the same step runs eagerly; `StaticStep.eager`
 is what the CPU tests compare against the plain loop.
@@ -16,22 +19,36 @@ import torch
 
 
 class StaticStep:
-    def __init__(self, loop, hidden: torch.Tensor, cache, cfg_mult: int, n_draws_shape):
-        self.loop, self.cache, self.cfg_mult = loop, cache, cfg_mult
+    def __init__(self, loop, hidden: torch.Tensor, cache, cfg_mult: int, n_draws_shape, own_cache: bool = False):
+        self.loop, self.cfg_mult = loop, cfg_mult
         dev = hidden.device
         self.hidden = hidden.clone()
         self.noise = torch.zeros(n_draws_shape, dtype=torch.float32, device=dev)
         self.scale = torch.zeros(2, dtype=torch.float32, device=dev)
         self.pos = torch.tensor([cache.length], dtype=torch.long, device=dev)
         self.start = cache.length
+        self.cache = loop.bb.new_cache(cache.batch, cache.max_len) if own_cache else cache
+        if own_cache:
+            self.begin(hidden, cache)
         self.token = None
         self.graph = None
+
+    def begin(self, hidden: torch.Tensor, cache) -> None:
+        """Start an image from `cache` (prefilled up to cache.length) and its last hidden state:
+        copies the filled slots into this step's own cache (device to device, no sync)."""
+        n = cache.length
+        for mine, theirs in zip(self.cache.keys + self.cache.values, cache.keys + cache.values):
+            mine[:, :, :n].copy_(theirs[:, :, :n])
+        self.cache.valid.copy_(cache.valid)
+        self.hidden.copy_(hidden)
+        self.pos.fill_(n)
+        self.start = n
 
     def body(self) -> None:
         loop, bb = self.loop, self.loop.bb
         tok = loop.sample_token(self.hidden, self.noise, self.scale, self.cfg_mult)
         e = bb.image_in_projector(tok).repeat(self.cfg_mult, 1)
-        h = bb.step_at(e[:, None], self.cache, self.pos)[:, -1]
+        h = bb.step_at(e[:, None], self.cache, self.pos, fast=not loop.s.exact)[:, -1]
         if self.token is None:
             self.token = tok.clone()
         else:
@@ -66,29 +83,71 @@ class StaticStep:
         return self.token, self.hidden
 
     def finish(self, cache, n_tokens: int) -> None:
-        cache.length = self.start + n_tokens - 1  # every token but the last went through the backbone
+        end = self.start + n_tokens - 1  # every token but the last went through the backbone
+        if self.cache is not cache:  # the caller may continue the sequence (storyboards): hand the slots back
+            for mine, theirs in zip(self.cache.keys + self.cache.values, cache.keys + cache.values):
+                theirs[:, :, self.start:end].copy_(mine[:, :, self.start:end])
+            cache.valid[:, self.start:end].copy_(self.cache.valid[:, self.start:end])
+        cache.length = end
+
+
+def capturable(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def _fingerprint(loop) -> tuple:
+    """Where every weight and table the captured step reads lives: a model moved or offloaded
+    since the capture (ComfyUI does that) must never replay a graph that reads freed memory."""
+    bb, head = loop.bb, loop.head
+    tensors = [*bb.parameters(), *bb.buffers(), *head.parameters(), *head.buffers()]
+    rope = bb._rope
+    if rope is not None:
+        tensors += [rope.cos, rope.sin, rope.sin_signed]
+    return tuple(t.data_ptr() for t in tensors)
+
+
+def _key(loop, hidden, cache, cfg_mult: int) -> tuple:
+    s = loop.s
+    return (tuple(hidden.shape), hidden.dtype, str(hidden.device), cache.max_len, cfg_mult, s.sampler, s.steps,
+            s.shift, s.use_norm, s.exact, s.compile)
+
+
+def release(backbone) -> None:
+    """Drop the kept capture and its KV cache (for memory managers unloading the model)."""
+    backbone.__dict__.pop("_kept_step", None)
 
 
 def graphed_loop(loop, hidden, cache, cfg_mult: int, n_tokens: int):
-    """A StaticStep for this image, or None for the plain eager loop."""
+    """A StaticStep for this image (the kept one when shapes, settings and weights match), or None
+    for the plain eager loop."""
     mode = loop.s.cuda_graphs
     if mode == "off" or n_tokens < 2:
         return None
     if getattr(loop.bb, "streamer", None) is not None:
         return None  # streamed layers swap weights in Python hooks: nothing fixed to capture
-    if hidden.device.type != "cuda":
+    if not capturable(hidden.device):
         if mode == "on":
             warnings.warn("cuda_graphs='on' needs a CUDA device; running eagerly.")
         return None
+    bb = loop.bb
+    key = _key(loop, hidden, cache, cfg_mult)
+    kept = bb.__dict__.get("_kept_step")
+    if kept is not None and kept[0] == key and kept[1] == _fingerprint(loop):
+        kept[2].begin(hidden, cache)
+        return kept[2]
+    release(bb)  # its memory goes before a new capture takes more
     from .samplers import draws_per_token
-    shape = (draws_per_token(loop.s.sampler, loop.s.steps), hidden.shape[0] // cfg_mult, loop.bb.cfg.token_dim)
-    step = StaticStep(loop, hidden, cache, cfg_mult, shape)
+    shape = (draws_per_token(loop.s.sampler, loop.s.steps), hidden.shape[0] // cfg_mult, bb.cfg.token_dim)
+    bb.rope(cache.max_len)  # built now: building it copies from the host, which capture cannot do
+    step = StaticStep(loop, hidden, cache, cfg_mult, shape, own_cache=True)
     try:
         step.capture()
     except Exception as exc:  # capture is an optimisation: never fail a generation over it
         if mode == "on":
             raise
         warnings.warn(f"CUDA graph capture failed ({type(exc).__name__}: {exc}); running eagerly.")
-        torch.cuda.synchronize()
+        if hidden.device.type == "cuda":
+            torch.cuda.synchronize()
         return None
+    bb.__dict__["_kept_step"] = (key, _fingerprint(loop), step)  # after the warm-up laid out fused weights
     return step

@@ -140,7 +140,7 @@ class NextStepPipeline:
                 cache, hidden, texts = self._prefill_with_reasoning(req, prompts, grid, n_tokens, text_callback)
             else:
                 embeds = bb.embed(rows.input_ids.to(dev), image_tokens)
-                cache = bb.new_cache(embeds.shape[0], embeds.shape[1] + n_tokens)
+                cache = bb.new_cache(embeds.shape[0], bb.padded_cache_len(embeds.shape[1] + n_tokens, s.exact))
                 hidden = bb.prefill(embeds, rows.attention_mask.to(dev), cache,
                                     None if s.exact else embeds.shape[1])[:, -1]
             tokens = TokenLoop(bb, self.head, s).run(hidden, cache, rows.cfg_mult, n_tokens, noise, callback)

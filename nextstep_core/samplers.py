@@ -70,6 +70,59 @@ def sde_step(x, v, t, dt, w):
     return mean_x + torch.sqrt(2 * (1 - t)) * (w * torch.sqrt(dt))
 
 
+def sde_scalars(t, dt):
+    """The step-invariant part of `sde_step` (0-d tensors), with the same operations."""
+    one_minus_t = 1 - t
+    var = (1 - t) ** 2 - t * -1 * (1 - t)
+    return t, dt, var, one_minus_t, torch.sqrt(2 * (1 - t)), torch.sqrt(dt)
+
+
+def sde_step_from(x, v, scalars, w):
+    """`sde_step` with its scalars from `sde_scalars`: bit-equal, four fewer ops per call."""
+    t, dt, var, one_minus_t, noise_scale, sqrt_dt = scalars
+    score = (t * v - x) / var
+    drift = v + one_minus_t * score
+    mean_x = x + drift * dt
+    return mean_x + noise_scale * (w * sqrt_dt)
+
+
+def step_coefficients(sampler: str, steps: int, t: torch.Tensor, dts, last_step: float):
+    """Per step (A, B, C) with x_next = A x + B v + C w for the fast sampler: the SDE step
+    x + ((1+t) v - x) dt + sqrt(2 (1-t) dt) w (its variance (1-t)^2 + t(1-t) is 1 - t), or
+    an Euler step (A = 1 and C = 0 are given as None: no multiply). Returns (A list, B [steps]
+    tensor, C list)."""
+    a, b, c = [], [], []
+    if sampler == "nextstep1":
+        dt = t[1:steps] - t[:steps - 1]
+        tt = t[:steps - 1]
+    elif sampler == "nextstep1.1":
+        dt, tt = dts, t[:steps]
+    else:
+        dt, tt = dts, None
+    if tt is not None:
+        a_all, b_all, c_all = 1 - dt, (1 + tt) * dt, torch.sqrt(2 * (1 - tt) * dt)
+        a, c = list(a_all.unbind(0)), list(c_all.unbind(0))
+        bs = [b_all]
+    else:
+        bs = [dt]
+        a, c = [None] * steps, [None] * steps
+    if sampler == "nextstep1":
+        bs.append(torch.full((1,), last_step, dtype=t.dtype, device=t.device))
+        a.append(None)
+        c.append(None)
+    return a, torch.cat(bs), c
+
+
+def cfg_weights(scale: torch.Tensor, cfg_mult: int) -> torch.Tensor:
+    """[cfg_mult] weights w with sum_j w_j v_j == combine_cfg(v): (cfg, 1 - cfg) for text CFG,
+    (cfg, cfg_img - cfg, 1 - cfg_img) for edit rows [cond][image][uncond]."""
+    if cfg_mult == 1:
+        return torch.ones(1, dtype=scale.dtype, device=scale.device)
+    if cfg_mult == 2:
+        return torch.stack([scale[0], 1 - scale[0]])
+    return torch.stack([scale[0], scale[1] - scale[0], 1 - scale[1]])
+
+
 def cfg_values(schedule: str, cfg: float, cfg_img: float, n_tokens: int) -> torch.Tensor:
     """[n_tokens, 2] float64 (cfg, cfg_img) per token. Two official 'linear' schedules exist and
     disagree, so each is named after its release:

@@ -62,3 +62,45 @@ def test_torch_compile_of_the_head_step_is_optional_and_exact(tiny_pipeline):
     req = lambda **k: Request(["x"], 32, 32, seed=4, sampling=SamplingSettings(**base, **k))
     torch.testing.assert_close(tiny_pipeline.run(req(compile="eager")).tokens, tiny_pipeline.run(req()).tokens,
                                atol=1e-6, rtol=0)
+
+
+def kept_captures(monkeypatch):
+    """The real graphed_loop with its capture replaced by nothing (the step then replays eagerly):
+    everything around the capture (keeping, matching, copying the cache in and out) runs on CPU."""
+    captures = []
+    monkeypatch.setattr(graphs, "capturable", lambda device: True)
+    monkeypatch.setattr(graphs.StaticStep, "capture", lambda self: captures.append(self))
+    return captures
+
+
+def test_a_capture_is_kept_for_the_next_image_with_the_same_shapes(tiny_pipeline, monkeypatch):
+    s = SamplingSettings(steps=3, cfg=3.0, use_norm=True, exact=True)
+    req = lambda seed, w=48: Request(["a", "b"], w, 32, seed=seed, sampling=s)
+    plain = [tiny_pipeline.run(req(seed)).tokens for seed in (1, 2)]
+    other = tiny_pipeline.run(req(3, 32)).tokens
+    captures = kept_captures(monkeypatch)
+    try:
+        kept = [tiny_pipeline.run(req(seed)).tokens for seed in (1, 2)]
+        assert len(captures) == 1  # the second image replayed the first one's capture
+        assert torch.equal(kept[0], plain[0]) and torch.equal(kept[1], plain[1])
+        assert torch.equal(tiny_pipeline.run(req(3, 32)).tokens, other) and len(captures) == 2  # new shape
+        bb = tiny_pipeline.backbone
+        w = bb.layers[0].mlp.down_proj.weight
+        w.data = w.data.clone()  # as a move to another device and back leaves it: new addresses
+        assert torch.equal(tiny_pipeline.run(req(3, 32)).tokens, other) and len(captures) == 3
+    finally:
+        graphs.release(tiny_pipeline.backbone)
+    assert "_kept_step" not in tiny_pipeline.backbone.__dict__
+
+
+def test_a_kept_capture_hands_its_slots_back_to_a_story(tiny_pipeline, monkeypatch):
+    s = SamplingSettings(steps=2, cfg=2.0, exact=True)
+    board = Storyboard(tiny_pipeline)
+    plain = board.run(["one", "two", "three"], width=32, height=32, seed=1, sampling=s)
+    kept_captures(monkeypatch)
+    try:
+        kept = board.run(["one", "two", "three"], width=32, height=32, seed=1, sampling=s)
+    finally:
+        graphs.release(tiny_pipeline.backbone)
+    for a, b in zip(kept, plain):
+        assert torch.equal(a.tokens, b.tokens) and a.context.length == b.context.length
