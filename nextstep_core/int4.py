@@ -166,6 +166,7 @@ class Int4Linear(nn.Module):
         self.scale = nn.Parameter(scale, requires_grad=False)  # a parameter: whatever moves weights moves it too
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.kernel: str | None = None  # the layout `weight` is in: None (stored form), 'cpu', 'cuda'
+        self.kernel_device = None  # the device whose kernel that layout is for
         self._configure()
 
     @classmethod
@@ -193,19 +194,23 @@ class Int4Linear(nn.Module):
         stored = self.stored_weight()
         new = _to_kernel(stored, want, tiles) if want is not None else stored
         self.weight = nn.Parameter(new, requires_grad=False)
-        self.kernel = want
+        self.kernel, self.kernel_device = want, device
 
     def stored_weight(self) -> torch.Tensor:
         """The weight in the stored (device-independent) layout."""
         if self.kernel is None:
             return self.weight.data
-        return _from_kernel(self.weight.data, self.kernel, self.in_features, self.out_features, self.group)
+        w = self.weight.data
+        home = self.scale.device if self.scale.device.type == self.kernel else self.kernel_device
+        # a streamed layer's host copy keeps the layout of the device it runs on: unpack it there
+        packed = _from_kernel(w.to(home), self.kernel, self.in_features, self.out_features, self.group)
+        return packed.to(w.device)
 
     def _apply(self, fn, recurse=True):
         # Only the device changes (a dtype cast would destroy packed nibbles and bf16 scales);
         # a tiled layout is unpacked before it leaves the device whose kernel made it.
         target = fn(torch.empty(0, device=self.scale.device, dtype=torch.float32)).device
-        if target != self.weight.device and self.kernel is not None:
+        if self.kernel is not None and target.type != self.kernel:
             self.weight = nn.Parameter(self.stored_weight(), requires_grad=False)
             self.kernel = None
         self.weight = nn.Parameter(self.weight.to(target), requires_grad=False)

@@ -112,8 +112,8 @@ def test_quantize_backbone_keeps_the_module_tree_and_names(tiny_model):
     assert not any(isinstance(m, QuantLinear) for m in (bb.image_in_projector, bb.image_out_projector))
     with pytest.raises(SettingsError, match="already quantized"):
         quantize_backbone(bb, "fp8")
-    with pytest.raises(SettingsError, match="Unknown weight format 'int4'"):
-        quantize_backbone(bb, "int4")
+    with pytest.raises(SettingsError, match="Unknown weight format 'int3'"):
+        quantize_backbone(bb, "int3")
 
 
 @pytest.fixture(scope="module")
@@ -217,8 +217,8 @@ def test_a_folder_with_full_weights_and_a_prequantized_file(tiny_model, tmp_path
 
 
 def test_bad_inputs_are_named(tiny_model, tmp_path):
-    with pytest.raises(SettingsError, match="Unknown weight format 'int4'"):
-        load_backbone(tiny_model, quant="int4")
+    with pytest.raises(SettingsError, match="Unknown weight format 'int3'"):
+        load_backbone(tiny_model, quant="int3")
     with pytest.raises(CheckpointError, match="not a pre-quantized NextStep file.*quantize"):
         load_backbone(os.path.join(tiny_model, "model.safetensors"))
     full, _ = load_backbone(tiny_model)
@@ -255,7 +255,7 @@ def test_cli_quantize_then_generate_from_the_file_and_with_quant(tiny_model, tmp
     assert "already exists" in capsys.readouterr().err and out.read_bytes() == before
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".nextstep-quant-")]
     with pytest.raises(SystemExit):
-        cli_main(["quantize", "--model", tiny_model, "--format", "int4", "--out", str(out)])
+        cli_main(["quantize", "--model", tiny_model, "--format", "int3", "--out", str(out)])
     capsys.readouterr()
     folder = tmp_path / "m"
     shutil.copytree(tiny_model, folder)
