@@ -19,6 +19,6 @@ def test_int8_backbone_loads_and_generates(pack, host):
 
 def test_unknown_weights_choice_is_named(pack, host):
     from comfyui_nextstep_under_test.nextstep_core.errors import SettingsError
-    with pytest.raises(SettingsError, match="weights='int4'"):
+    with pytest.raises(SettingsError, match="weights='int3'"):
         call(pack.NODE_CLASS_MAPPINGS["NextStepBackboneLoader"], model_name="NextStep-1-Large", dtype="auto",
-             device="auto", weights="int4")
+             device="auto", weights="int3")
