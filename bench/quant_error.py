@@ -1,4 +1,4 @@
-"""8-bit backbone quality: teacher-forced token error against full precision, and weight bytes per
+"""8-bit and int4 backbone quality: teacher-forced token error against full precision, and weight bytes per
 format at the 14B shapes.
 
     python bench/quant_error.py                         # random small model (hidden 512 x 8 layers), 256x256
@@ -106,11 +106,16 @@ def main(argv=None):
         print("| backbone | token error mean | max | first token | hidden error mean |")
         print("|---|---|---|---|---|")
         variants = [("int8", "int8", "off"), ("fp8 (dequantized)", "fp8", "off"), ("fp8 matmul (fp8 activations)",
-                                                                                   "fp8", "auto")]
+                                                                                   "fp8", "auto"),
+                    ("int4 (group 128; kernel, bf16 activations)", "int4", "int4-kernel"),
+                    ("int4 (dequantized)", "int4", "int4-off")]
         asked = os.environ.get("NEXTSTEP_FP8_MATMUL", "auto")
         for name, fmt, mm in variants:
-            os.environ["NEXTSTEP_FP8_MATMUL"] = asked if mm == "auto" else mm
+            os.environ["NEXTSTEP_FP8_MATMUL"] = asked if mm == "auto" else "off" if mm.startswith("int4") else mm
+            os.environ["NEXTSTEP_INT4_MATMUL"] = "off" if mm == "int4-off" else "auto"
             q = quantize_backbone(copy.deepcopy(bb), fmt)
+            if mm == "int4-kernel" and q.layers[0].mlp.up_proj.kernel is None:
+                continue
             if mm == "auto" and not (q.layers[0].mlp.up_proj.scaled_mm and bb.dtype == torch.bfloat16):
                 continue
             row(name, q, head, run, s, ref, ref_h, args.seed)
@@ -120,7 +125,7 @@ def main(argv=None):
     print("| format | decoder matrices (+ scales) | embeddings, norms, biases, projectors | LM head | flow head | "
           "file with LM head | without |")
     print("|---|---|---|---|---|---|---|")
-    for fmt in (None, "int8", "fp8"):
+    for fmt in (None, "int8", "fp8", "int4"):
         layers, rest, lm, fh = (b / 1e9 for b in weight_bytes(fmt))
         print(f"| {fmt or 'bf16'} | {layers:.2f} | {rest:.2f} | {lm:.2f} | {fh:.2f} | {layers + rest + lm + fh:.2f} | "
               f"{layers + rest + fh:.2f} |")

@@ -8,9 +8,10 @@ do), stored as bfloat16 pairs in the [groups, out, 2] layout torch's int4 kernel
 Stored form (state dict, pre-quantized files): `weight` uint8 [out, in/2], column 2j in the high
 nibble and 2j+1 in the low one (the input of torch's CUDA packing op), `scale` bf16 [in/G, out, 2]
 (scale, zero) with w ~= (q - 8) * scale + zero. On a device with a kernel the weight is repacked
-once into that kernel's tiled layout (in place: no second copy exists), and unpacked again when it
-leaves the device or is saved; the unpacking runs the kernel itself on an identity matrix with
-scale 1 and zero 8, which returns q exactly, so it needs no knowledge of the tiled layout.
+once into that kernel's tiled layout (replacing it: no second copy exists), and unpacked again
+when it leaves the device or is saved. The CUDA layout is unpacked by running the kernel itself on
+an identity matrix with scale 1 and zero 8, which returns q exactly; the CPU layout, a fixed
+permutation within blocks of 64 rows, by that permutation (found once by packing indices).
 
 Kernels (chosen once per device): `_weight_int4pack_mm_for_cpu` on CPU, `_weight_int4pack_mm` on
 CUDA with SM 8.0 or newer (checked on a probe); elsewhere (older GPUs, MPS) the weight is
@@ -152,6 +153,37 @@ def _from_kernel(weight: torch.Tensor, kernel: str, in_features: int, out_featur
     return packed
 
 
+CPU_BLOCK = 64  # the CPU layout permutes nibbles within blocks of 64 output rows (a shorter last block alone)
+
+
+@functools.lru_cache(maxsize=16)
+def _cpu_source(rows: int, in_features: int, tiles: int) -> torch.Tensor:
+    """For each nibble of a [rows, in] block in the CPU layout, the flat index (row * in + col) of
+    the value it holds, found by packing the indices themselves four bits at a time."""
+    index = torch.arange(rows * in_features, dtype=torch.int64).view(rows, in_features)
+    source = torch.zeros(rows * in_features, dtype=torch.int64)
+    for shift in range(0, max(4, (rows * in_features - 1).bit_length()), 4):
+        digits = ((index >> shift) & 15).to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(digits, tiles)
+        source |= unpack(packed).reshape(-1).to(torch.int64) << shift
+    return source
+
+
+def _unpack_cpu(tiled: torch.Tensor, in_features: int, tiles: int) -> torch.Tensor:
+    """The CPU layout back to the stored one by a cached permutation (no matmul: the identity
+    trick would cost in x in x out multiply-adds per matrix on a CPU)."""
+    rows_total = tiled.shape[0]
+    q = torch.empty(rows_total, in_features, dtype=torch.uint8)
+    nibbles = unpack(tiled)
+    full = rows_total // CPU_BLOCK * CPU_BLOCK
+    if full:
+        blocks = q[:full].view(-1, CPU_BLOCK * in_features)
+        blocks[:, _cpu_source(CPU_BLOCK, in_features, tiles)] = nibbles[:full].reshape(blocks.shape)
+    if full < rows_total:
+        q[full:].view(-1)[_cpu_source(rows_total - full, in_features, tiles)] = nibbles[full:].reshape(-1)
+    return (q[:, 0::2] << 4) | q[:, 1::2]
+
+
 class Int4Linear(nn.Module):
     """A Linear with group-wise int4 weights; the bias stays in the compute dtype. State-dict
     names are the Linear's plus `scale` (the [groups, out, 2] scale/zero pairs)."""
@@ -167,6 +199,7 @@ class Int4Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.kernel: str | None = None  # the layout `weight` is in: None (stored form), 'cpu', 'cuda'
         self.kernel_device = None  # the device whose kernel that layout is for
+        self.ready = False  # whether `weight` is in the layout its device computes with
         self._configure()
 
     @classmethod
@@ -183,24 +216,38 @@ class Int4Linear(nn.Module):
                    torch.empty(out_features, dtype=dtype, device=device) if bias else None)
 
     def _configure(self) -> None:
-        """Repack for the weight's current device; runs when it moves, never per call."""
-        device = self.weight.device
-        if device.type == "meta":
+        """Runs when the weight moves, never per call. On a GPU the weight is repacked for its
+        kernel at once (cheap there); on the CPU only before its first use there, since a CPU
+        is mostly where GPU weights are parked or streamed from, and unpacking the CPU layout
+        again costs seconds per layer."""
+        if self.weight.device.type == "meta":
             return
+        if self.kernel is not None:  # `_apply` unpacked any other device's layout: this one is current
+            self.ready = True
+        elif self.weight.device.type == "cuda":
+            self.prepare()
+        else:
+            self.ready = False
+
+    def prepare(self) -> None:
+        """Repack for the kernel of the weight's current device (if it has one), now."""
+        device = self.weight.device
         tiles = inner_k_tiles(self.in_features)
         want = kernel_for(device) if tiles is not None and self.out_features % 8 == 0 else None
-        if want == self.kernel:
-            return
-        stored = self.stored_weight()
-        new = _to_kernel(stored, want, tiles) if want is not None else stored
-        self.weight = nn.Parameter(new, requires_grad=False)
-        self.kernel, self.kernel_device = want, device
+        if want != self.kernel:
+            stored = self.stored_weight()
+            new = _to_kernel(stored, want, tiles) if want is not None else stored
+            self.weight = nn.Parameter(new, requires_grad=False)
+            self.kernel, self.kernel_device = want, device
+        self.ready = True
 
     def stored_weight(self) -> torch.Tensor:
         """The weight in the stored (device-independent) layout."""
         if self.kernel is None:
             return self.weight.data
         w = self.weight.data
+        if self.kernel == "cpu":
+            return _unpack_cpu(w.cpu(), self.in_features, inner_k_tiles(self.in_features)).to(w.device)
         home = self.scale.device if self.scale.device.type == self.kernel else self.kernel_device
         # a streamed layer's host copy keeps the layout of the device it runs on: unpack it there
         packed = _from_kernel(w.to(home), self.kernel, self.in_features, self.out_features, self.group)
@@ -235,6 +282,8 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.ready:
+            self.prepare()
         if self.kernel is None:
             return self.dequantized(x)
         shape = x.shape

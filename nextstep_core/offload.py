@@ -81,6 +81,9 @@ class LayerStreamer:
         self.views: dict[int, list[torch.Tensor]] = {}
         for i, layer in enumerate(self.streamed):
             layer.to(self.device)
+            for m in layer.modules():  # weights in the layout the device computes with (int4), before copying
+                if hasattr(m, "prepare"):
+                    m.prepare()
             base = i * self.span
             views = []
             for p, (off, n) in zip(layer.parameters(), spans):

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from nextstep_core.checkpoint import load_backbone
 from nextstep_core.cli import main as cli_main
-from nextstep_core.int4 import (INT4_MATMUL_ENV, Int4Linear, _from_kernel, _to_kernel, dequantize, group_size,
-                                quantize_int4, unpack)
+from nextstep_core.int4 import (INT4_MATMUL_ENV, Int4Linear, _from_kernel, _to_kernel, _unpack_cpu, dequantize,
+                                group_size, quantize_int4, unpack)
 from nextstep_core.quant import format_of
 from parity_support import assert_tokens_close
 from test_quant import first_tokens
@@ -43,11 +43,14 @@ def test_pack_unpack_round_trip_and_quantization_error():
 
 @pytest.mark.skipif(not KERNEL, reason="this torch has no CPU int4 kernel")
 @pytest.mark.parametrize("tiles", [2, 4, 8])
-def test_the_cpu_kernel_layout_unpacks_exactly(tiles):
-    w, _ = weights()
+@pytest.mark.parametrize("rows", [256, 96])  # whole blocks of 64 rows, and a shorter last block
+def test_the_cpu_kernel_layout_unpacks_exactly(tiles, rows):
+    w, _ = weights(rows)
     packed, _ = quantize_int4(w, 128)
     tiled = _to_kernel(packed, "cpu", tiles)
-    assert torch.equal(_from_kernel(tiled, "cpu", 512, 256, 128), packed)
+    assert not torch.equal(tiled, packed)  # it is another layout
+    assert torch.equal(_unpack_cpu(tiled, 512, tiles), packed)  # by the permutation
+    assert torch.equal(_from_kernel(tiled, "cpu", 512, rows, 128), packed)  # by the kernel on an identity
 
 
 @pytest.mark.skipif(not KERNEL, reason="this torch has no CPU int4 kernel")
@@ -57,6 +60,7 @@ def test_kernel_matches_the_dequantized_reference(shape):
     lin = torch.nn.Linear(shape[1], shape[0])
     lin.weight.data = w
     q = Int4Linear.from_linear(lin)
+    q(x)  # the CPU layout is made before the first use
     assert q.kernel == "cpu" and q.group == group_size(shape[1])
     ref = F.linear(x.bfloat16().float(), dequantize(q.stored_weight(), q.scale)) + lin.bias
     # the kernel returns bf16 (one rounding of the output): measured max |diff| 0.0078 at |y| <= 4.2
@@ -70,10 +74,13 @@ def test_fallback_dequantizes_and_matches_the_kernel(monkeypatch):
     lin = torch.nn.Linear(512, 256)
     lin.weight.data = w
     fast = Int4Linear.from_linear(lin)
+    want = fast(x)  # the kernel is chosen at the first use on a CPU
+    assert fast.kernel == "cpu"
     monkeypatch.setenv(INT4_MATMUL_ENV, "off")
     slow = Int4Linear.from_linear(lin)
     assert slow.kernel is None
-    torch.testing.assert_close(slow(x.bfloat16().float()), fast(x), rtol=2 ** -7, atol=2e-3)  # as above
+    torch.testing.assert_close(slow(x.bfloat16().float()), want, rtol=2 ** -7, atol=2e-3)  # as above
+    assert slow.kernel is None
 
 
 def test_state_dict_moves_and_dtype_casts_keep_the_stored_form():
