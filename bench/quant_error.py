@@ -87,6 +87,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", help="comma-separated formats to run (int8, fp8, int4)")
+    ap.add_argument("--int4-group", type=int, default=128, help="int4 group size (a power of two, 16-128)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.size = args.size or (64 if args.tiny else 256)
@@ -110,6 +112,10 @@ def main(argv=None):
                     ("int4 (group 128; kernel, bf16 activations)", "int4", "int4-kernel"),
                     ("int4 (dequantized)", "int4", "int4-off")]
         asked = os.environ.get("NEXTSTEP_FP8_MATMUL", "auto")
+        import nextstep_core.int4 as int4
+        int4.GROUP = args.int4_group
+        variants = [(n.replace("group 128", f"group {args.int4_group}"), f, m) for n, f, m in variants
+                    if not args.only or f in args.only.split(",")]
         for name, fmt, mm in variants:
             os.environ["NEXTSTEP_FP8_MATMUL"] = asked if mm == "auto" else "off" if mm.startswith("int4") else mm
             os.environ["NEXTSTEP_INT4_MATMUL"] = "off" if mm == "int4-off" else "auto"
