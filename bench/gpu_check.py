@@ -76,9 +76,9 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def timed_tokens(bb, head, device, tokens, graphs) -> tuple[float, float]:
+def timed_tokens(bb, head, device, tokens, graphs, steps=28) -> tuple[float, float]:
     """-> (prefill seconds, seconds per image token) over `tokens` tokens of a 512x512 image."""
-    s = SamplingSettings(cfg=7.5, steps=28, cuda_graphs=graphs)
+    s = SamplingSettings(cfg=7.5, steps=steps, cuda_graphs=graphs)
     ids = torch.randint(0, 500, (2, PROMPT), device=device)
     stamps = []
 
@@ -119,6 +119,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="toy shapes (checks the script, not the GPU)")
     ap.add_argument("--tokens", type=int, default=64, help="timed image tokens per configuration")
+    ap.add_argument("--steps", type=int, default=28, help="flow steps per token (fewer only to check the script)")
     ap.add_argument("--formats", default="bf16,int8,fp8,int4")
     ap.add_argument("--caps", default="8,12,16,24", help="GB the GPU is capped to for the streaming rows")
     ap.add_argument("--cap-formats", default="int8,int4")
@@ -126,21 +127,23 @@ def main(argv=None):
     device = torch.device(args.device)
     shape = SMALL if args.small else FULL
     cfg = config(shape)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 matmuls on a CPU are slow
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{'small' if args.small else 'full-size'} shapes ({cfg.num_layers} layers, hidden {cfg.hidden_size}), "
-          f"512x512 ({IMAGE_TOKENS} tokens), cfg 7.5, 28 steps; {args.tokens} tokens timed per row; {name}, torch "
+          f"512x512 ({IMAGE_TOKENS} tokens), cfg 7.5, {args.steps} steps; {args.tokens} tokens timed per row; {name}, torch "
           f"{torch.__version__}\n")
     print("| decoder weights | cuda graphs | s/image | ms/token | prefill s | peak GB |")
     print("|---|---|---|---|---|---|")
     with torch.inference_mode():
         for fmt in args.formats.split(","):
             reset(device)
-            bb, head = build(shape, device, torch.bfloat16, fmt, device)
-            for graphs in ("off", "on"):
+            bb, head = build(shape, device, dtype, fmt, device)
+            for graphs in ("off", "on") if device.type == "cuda" else ("off",):
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                pre, per = timed_tokens(bb, head, device, args.tokens, graphs)
-                print(f"| {fmt} | {graphs} | {pre + per * IMAGE_TOKENS:.1f} | {per * 1000:.2f} | {pre:.2f} | "
+                pre, per = timed_tokens(bb, head, device, args.tokens, graphs, args.steps)
+                label = fmt if fmt != "bf16" or dtype == torch.bfloat16 else "fp32"
+                print(f"| {label} | {graphs} | {pre + per * IMAGE_TOKENS:.1f} | {per * 1000:.2f} | {pre:.2f} | "
                       f"{peak_gb(device):.1f} |", flush=True)
             del bb, head
         print("\n| cap GB | decoder weights | layers on GPU | streamed GB/token | s/image | ms/token | peak GB |")
@@ -148,25 +151,26 @@ def main(argv=None):
         for fmt in args.cap_formats.split(","):
             for cap in args.caps.split(","):
                 reset(device)
-                bb, head = build(shape, device, torch.bfloat16, fmt, "cpu")
-                whole = plan(cfg, fmt if fmt != "bf16" else None, 2, width=512, height=512, context_tokens=PROMPT)
+                bb, head = build(shape, device, dtype, fmt, "cpu")
+                whole = plan(cfg, fmt if fmt != "bf16" else None, dtype.itemsize, width=512, height=512, context_tokens=PROMPT)
                 if device.type == "cuda":
                     limit = float(cap) * 1e9
                     torch.cuda.set_per_process_memory_fraction(limit / torch.cuda.get_device_properties(device)
                                                                .total_memory, device)
                     free = int(limit - torch.cuda.memory_allocated(device))
-                else:  # no cap to set: the same fraction of what the whole backbone would need
-                    limit = whole.device_bytes * float(cap) / 32
-                    free = int(limit)
+                else:  # no cap to set: the layers' share of free memory scaled as cap / 32 GB
+                    none = plan(cfg, fmt if fmt != "bf16" else None, dtype.itemsize, width=512, height=512,
+                                context_tokens=PROMPT, gpu_layers=0)
+                    free = int(none.device_bytes + (whole.device_bytes - none.device_bytes) * float(cap) / 32)
                 try:
-                    p = plan(cfg, fmt if fmt != "bf16" else None, 2, width=512, height=512, context_tokens=PROMPT,
+                    p = plan(cfg, fmt if fmt != "bf16" else None, dtype.itemsize, width=512, height=512, context_tokens=PROMPT,
                              free_bytes=free)
                 except Exception as exc:  # the memory model's refusal is a result too
-                    print(f"| {cap} | {fmt} | refused: {str(exc).split('.')[0]} | | | | |", flush=True)
+                    print(f"| {cap} | {fmt} | refused: {str(exc)[:90]} | | | | |", flush=True)
                     continue
                 streamer = stream_layers(bb, p.resident, device, p)
-                pre, per = timed_tokens(bb, head, device, args.tokens, "auto")
-                print(f"| {cap} | {fmt} | {p.resident}/{p.layers} | {p.streamed_bytes / 1e9:.2f} | "
+                pre, per = timed_tokens(bb, head, device, args.tokens, "auto", args.steps)
+                print(f"| {cap} | {fmt} | {p.resident}/{p.layers} | {p.streamed_bytes / 1e9:.3g} | "
                       f"{pre + per * IMAGE_TOKENS:.1f} | {per * 1000:.1f} | {peak_gb(device):.1f} |", flush=True)
                 if streamer is not None:
                     streamer.remove()

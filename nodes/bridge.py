@@ -174,9 +174,9 @@ def vram_mode() -> str:
 
 
 def streams_weights(device: torch.device) -> bool:
-    """Whether streaming layers can help: only onto an accelerator (a CPU run holds the weights in
-    RAM already)."""
-    return model_management() is not None and device.type != "cpu"
+    """Whether streaming layers can help: onto a CUDA GPU only (a CPU run holds the weights in RAM
+    already, and Apple's unified memory is that same RAM)."""
+    return model_management() is not None and device.type == "cuda"
 
 
 def make_room(bytes_needed: int, device: torch.device, keep: list) -> int:
