@@ -222,8 +222,8 @@ class Int4Linear(nn.Module):
         again costs seconds per layer."""
         if self.weight.device.type == "meta":
             return
-        if self.kernel is not None:  # `_apply` unpacked any other device's layout: this one is current
-            self.ready = True
+        if self.kernel is not None:  # this device's layout, or a GPU layout parked in RAM
+            self.ready = self.kernel == self.weight.device.type
         elif self.weight.device.type == "cuda":
             self.prepare()
         else:
@@ -254,10 +254,12 @@ class Int4Linear(nn.Module):
         return packed.to(w.device)
 
     def _apply(self, fn, recurse=True):
-        # Only the device changes (a dtype cast would destroy packed nibbles and bf16 scales);
-        # a tiled layout is unpacked before it leaves the device whose kernel made it.
+        # Only the device changes (a dtype cast would destroy packed nibbles and bf16 scales). A
+        # GPU layout parked in RAM stays as it is (it goes back unchanged, and streaming copies it
+        # as it is); otherwise a tiled layout is unpacked before it leaves its kernel's device.
         target = fn(torch.empty(0, device=self.scale.device, dtype=torch.float32)).device
-        if self.kernel is not None and target.type != self.kernel:
+        parked = self.kernel == "cuda" and target.type == "cpu"
+        if self.kernel is not None and target.type != self.kernel and not parked:
             self.weight = nn.Parameter(self.stored_weight(), requires_grad=False)
             self.kernel = None
         self.weight = nn.Parameter(self.weight.to(target), requires_grad=False)
