@@ -120,6 +120,9 @@ def main(argv=None):
             os.environ["NEXTSTEP_FP8_MATMUL"] = asked if mm == "auto" else "off" if mm.startswith("int4") else mm
             os.environ["NEXTSTEP_INT4_MATMUL"] = "off" if mm == "int4-off" else "auto"
             q = quantize_backbone(copy.deepcopy(bb), fmt)
+            for m in q.modules():  # int4 picks its CPU layout before the first use
+                if hasattr(m, "prepare"):
+                    m.prepare()
             if mm == "int4-kernel" and q.layers[0].mlp.up_proj.kernel is None:
                 continue
             if mm == "auto" and not (q.layers[0].mlp.up_proj.scaled_mm and bb.dtype == torch.bfloat16):
