@@ -93,7 +93,14 @@ class LayerStreamer:
                 views.append(v)
             self.views[id(layer)] = views
         self.spans = spans
-        self.pinned = _Registered(self.host) if cuda and self.streamed else None
+        self.pinned = None
+        if cuda and self.streamed:
+            try:
+                self.pinned = _Registered(self.host)
+            except (RuntimeError, AttributeError) as exc:  # e.g. a locked-memory limit in a container
+                import warnings
+                warnings.warn(f"Could not page-lock {self.host.numel() / 2**30:.1f} GiB for streaming ({exc}); "
+                              "copies will not overlap compute, so streaming is slower.")
         self.slots = [torch.empty(self.span, dtype=torch.uint8, device=self.device) for _ in range(2)]
         self.stream = torch.cuda.Stream(self.device) if cuda else None
         self.slot_free = [None, None]   # event: the layer that last used slot k has run
