@@ -1,4 +1,4 @@
-"""8-bit backbone quality: teacher-forced token error against full precision, and weight bytes per
+"""8-bit and int4 backbone quality: teacher-forced token error against full precision, and weight bytes per
 format at the 14B shapes.
 
     python bench/quant_error.py                         # random small model (hidden 512 x 8 layers), 256x256
@@ -87,6 +87,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", help="comma-separated formats to run (int8, fp8, int4)")
+    ap.add_argument("--int4-group", type=int, default=128, help="int4 group size (a power of two, 16-128)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.size = args.size or (64 if args.tiny else 256)
@@ -106,11 +108,23 @@ def main(argv=None):
         print("| backbone | token error mean | max | first token | hidden error mean |")
         print("|---|---|---|---|---|")
         variants = [("int8", "int8", "off"), ("fp8 (dequantized)", "fp8", "off"), ("fp8 matmul (fp8 activations)",
-                                                                                   "fp8", "auto")]
+                                                                                   "fp8", "auto"),
+                    ("int4 (group 128; kernel, bf16 activations)", "int4", "int4-kernel"),
+                    ("int4 (dequantized)", "int4", "int4-off")]
         asked = os.environ.get("NEXTSTEP_FP8_MATMUL", "auto")
+        import nextstep_core.int4 as int4
+        int4.GROUP = args.int4_group
+        variants = [(n.replace("group 128", f"group {args.int4_group}"), f, m) for n, f, m in variants
+                    if not args.only or f in args.only.split(",")]
         for name, fmt, mm in variants:
-            os.environ["NEXTSTEP_FP8_MATMUL"] = asked if mm == "auto" else mm
+            os.environ["NEXTSTEP_FP8_MATMUL"] = asked if mm == "auto" else "off" if mm.startswith("int4") else mm
+            os.environ["NEXTSTEP_INT4_MATMUL"] = "off" if mm == "int4-off" else "auto"
             q = quantize_backbone(copy.deepcopy(bb), fmt)
+            for m in q.modules():  # int4 picks its CPU layout before the first use
+                if hasattr(m, "prepare"):
+                    m.prepare()
+            if mm == "int4-kernel" and q.layers[0].mlp.up_proj.kernel is None:
+                continue
             if mm == "auto" and not (q.layers[0].mlp.up_proj.scaled_mm and bb.dtype == torch.bfloat16):
                 continue
             row(name, q, head, run, s, ref, ref_h, args.seed)
@@ -120,7 +134,7 @@ def main(argv=None):
     print("| format | decoder matrices (+ scales) | embeddings, norms, biases, projectors | LM head | flow head | "
           "file with LM head | without |")
     print("|---|---|---|---|---|---|---|")
-    for fmt in (None, "int8", "fp8"):
+    for fmt in (None, "int8", "fp8", "int4"):
         layers, rest, lm, fh = (b / 1e9 for b in weight_bytes(fmt))
         print(f"| {fmt or 'bf16'} | {layers:.2f} | {rest:.2f} | {lm:.2f} | {fh:.2f} | {layers + rest + lm + fh:.2f} | "
               f"{layers + rest + fh:.2f} |")

@@ -40,12 +40,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the flow-head step (inductor; optional, first token pays the compile time)")
-    p.add_argument("--gpu-layers", type=int,
+    p.add_argument("--gpu-layers", type=_gpu_layers,
                    help="low-VRAM mode: keep this many decoder layers on the GPU and stream the rest from RAM "
-                        "every token (slow; the cost per token is printed)")
+                        "every token (slower; the cost per token is printed); auto: as many as fit in free memory")
     p.add_argument("--quant", choices=list(FORMATS),
-                   help="8-bit backbone weights (about half the memory): quantized while loading a full-precision "
-                        "folder, or read from a pre-quantized .safetensors (see `quantize`)")
+                   help="int8 / fp8 (about half the memory) or int4 (about a quarter) backbone weights: quantized "
+                        "while loading a full-precision folder, or read from a pre-quantized .safetensors (see "
+                        "`quantize`)")
     p.add_argument("--exact", action="store_true",
                    help="compute as StepFun's pipeline does (on CPU float32 its tokens up to float rounding; "
                         "slower: no attention trimming or batched adaLN)")
@@ -55,6 +56,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", action="append", help="draw on a vLLM-Omni server (base URL, http://host:8091); repeat "
                    "to spread the images over several. NextStep-1.1 text-to-image only")
     p.add_argument("--server-timeout", type=float, help="seconds one image may take on a server (default 1800)")
+
+
+def _gpu_layers(value: str):
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: give a number of layers (0 streams them all) or auto") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,10 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(b)
     b.add_argument("--panel", action="append", default=[], help="a panel prompt; repeat, in story order")
     b.add_argument("--style", default="", help="character/style text put before every panel prompt")
-    q = sub.add_parser("quantize", help="write the backbone (plus LM head and flow head) as one 8-bit .safetensors")
+    q = sub.add_parser("quantize", help="write the backbone (plus LM head and flow head) as one int8/fp8/int4 "
+                                        ".safetensors")
     q.add_argument("--model", required=True, help="full-precision NextStep model folder (or a Hugging Face repo id)")
     q.add_argument("--format", required=True, choices=list(FORMATS), dest="fmt",
-                   help="int8 (any GPU) or fp8 (e4m3; fp8 matmuls on Ada/Hopper and newer)")
+                   help="int8 (any GPU), fp8 (e4m3; fp8 matmuls on Ada/Hopper and newer) or int4 (group-wise; "
+                        "int4 kernels on Ampere and newer and on CPU)")
     q.add_argument("--out", required=True, help="the .safetensors to write; put it next to the model's tokenizer files")
     q.add_argument("--device", default="cpu", help="where to quantize (cpu needs about 16 GB of RAM at 14B)")
     q.add_argument("--no-lm-head", action="store_true", help="leave out the LM head (1.5 GB at 14B; Self-CoT needs it)")
@@ -163,12 +175,8 @@ def run_generation(args) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     t0 = time.perf_counter()
-    backbone, tok = load_backbone(model, device, dtype, quant=args.quant)
-    if args.gpu_layers is not None:
-        from .offload import stream_layers
-        streamer = stream_layers(backbone, args.gpu_layers)
-        if streamer is not None and not args.quiet:
-            print(f"low-VRAM mode: {streamer.plan.describe()}", file=sys.stderr)
+    # low-VRAM mode reads the backbone into RAM and moves only the layers that stay (see offload.py)
+    backbone, tok = load_backbone(model, "cpu" if args.gpu_layers is not None else device, dtype, quant=args.quant)
     pipe = NextStepPipeline(backbone, tok, load_flow_head(model, device, dtype), load_vae(args.vae or model, device, dtype))
     load_s = time.perf_counter() - t0
     editing = args.command == "edit"
@@ -202,6 +210,8 @@ def run_generation(args) -> int:
                                 f"fitted to {args.width}x{args.height}); drop one of them.")
         req.fit = args.fit or ("resize" if sized else "bucket")
         req.fit_base = 512 if args.fit_size is None else args.fit_size
+    if args.gpu_layers is not None:
+        _stream(args, backbone, req, settings, device, editing)
     progress = ProgressLine(sys.stderr, quiet=args.quiet)
     t1 = time.perf_counter()
     if args.command == "storyboard":
@@ -228,6 +238,29 @@ def run_generation(args) -> int:
               f"generate {gen_s:.1f}s ({gen_s / n * 1000:.1f} ms/token) -> {', '.join(paths)}", file=sys.stderr)
     del torch
     return 0
+
+
+def _stream(args, backbone, req, settings, device, editing) -> None:
+    """Keep as many decoder layers on the device as memory.plan says fit (or --gpu-layers N)."""
+    import torch
+    from .memory import plan
+    from .offload import stream_layers
+    from .prompts import cfg_mult_for
+    from .quant import format_of
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    batch = (len(req.edit_images) if editing else max(1, len(req.prompts))) * req.images_per_prompt
+    width, height = req.width or 512, req.height or 512
+    context = 512 + (width // 16) * (height // 16) * (len(args.panel) + len(args.prompt) if args.command ==
+                                                      "storyboard" else 1 if editing else 0)
+    if args.command == "generate" and req.reasoning.mode != "off" and req.reasoning.text is None:
+        context += args.think_tokens
+    layers = None if args.gpu_layers == "auto" else args.gpu_layers
+    p = plan(backbone.cfg, format_of(backbone), backbone.dtype.itemsize, width=width, height=height, batch=batch,
+             cfg_rows=cfg_mult_for(settings.cfg, settings.cfg_img, editing), context_tokens=context,
+             free_bytes=free, gpu_layers=layers, lm_head=backbone.lm_head is not None)
+    stream_layers(backbone, p.resident, device, p)
+    if not args.quiet:
+        print(f"low-VRAM mode: {p.describe()}", file=sys.stderr)
 
 
 def _storyboard(args, pipe, req, settings, variant, t1) -> int:

@@ -1,111 +1,191 @@
 """Low-VRAM mode: keep only some decoder layers on the GPU and stream the rest in per token.
 
-Every image token runs every layer once, so an offloaded layer crosses PCIe once per token:
-at ~25 GB/s, each GB kept in CPU RAM adds ~40 ms per token (~40 s for a 512x512 image). That is
-the honest price of running the 14B backbone on a 12-16 GB card; `estimate()` reports it before
-a run. The next offloaded layer is copied on a side stream while the current one computes, so
-copies overlap compute; on CPU-only machines the same code runs with plain copies (tests).
+Every image token runs every layer once, so a streamed layer crosses PCIe once per token: at
+~25 GB/s each GB kept in CPU RAM adds ~40 ms per token. memory.py decides how many layers stay;
+this module moves them:
+
+- Only the resident layers (and the small non-layer parts) are moved to the device; streamed
+  layers go from wherever they were loaded (CPU RAM) into one host buffer, so a card smaller than
+  the model never holds it whole, not even while loading.
+- The host buffer is ordinary memory registered with CUDA (`cudaHostRegister`), not taken from
+  torch's pinned caching allocator, which rounds every block up to a power of two (a 550 MB layer
+  would pin 1 GB).
+- Copies land in two preallocated device buffers used in turn: the copy of the next layer waits
+  (on the copy stream) for an event recorded after the layer that last used its buffer, and
+  compute waits for the copy's event. Nothing is allocated per token and nothing syncs the host,
+  so a CPU running a token ahead cannot make streaming take all free memory.
+
+On CPU the same code runs with plain copies (tests).
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
 from .backbone import Backbone
+from .memory import MemoryPlan
 
-
-@dataclass
-class StreamPlan:
-    resident: int
-    streamed: int
-    streamed_bytes: int
-
-    def seconds_per_token(self, pcie_gbps: float = 25.0) -> float:
-        return self.streamed_bytes / (pcie_gbps * 1e9)
-
-    def describe(self, tokens: int = 1024) -> str:
-        per = self.seconds_per_token()
-        return (f"{self.resident} decoder layers on the GPU, {self.streamed} streamed from CPU RAM "
-                f"({self.streamed_bytes / 2**30:.1f} GiB per token over PCIe: about {per * 1000:.0f} ms per token, "
-                f"{per * tokens:.0f} s more for a {tokens}-token image)")
+ALIGN = 256  # bytes: every tensor view starts aligned as the CUDA allocator would align it
 
 
 def layer_bytes(layer: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in layer.parameters())
 
 
-class LayerStreamer:
-    """Installs hooks on the decoder layers after the first `resident` ones."""
+def _layout(layer: torch.nn.Module) -> tuple[list, int]:
+    """[(offset, nbytes)] of each parameter within one layer's span, and the span's size."""
+    spans, off = [], 0
+    for p in layer.parameters():
+        n = p.numel() * p.element_size()
+        spans.append((off, n))
+        off += -(-n // ALIGN) * ALIGN
+    return spans, off
 
-    def __init__(self, backbone: Backbone, device, resident: int):
+
+def _view(flat: torch.Tensor, start: int, nbytes: int, like: torch.Tensor) -> torch.Tensor:
+    return flat[start:start + nbytes].view(like.dtype).view(like.shape)
+
+
+class _Registered:
+    """Page-locks an ordinary host tensor in place, exactly its size, and unlocks it on release."""
+
+    def __init__(self, flat: torch.Tensor):
+        self.flat, self.done = flat, False
+        err = torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), flat.numel(), 0)
+        if int(err) != 0:
+            raise RuntimeError(f"cudaHostRegister failed ({err})")
+
+    def release(self) -> None:
+        if not self.done:
+            torch.cuda.cudart().cudaHostUnregister(self.flat.data_ptr())
+            self.done = True
+
+
+class LayerStreamer:
+    """Keeps the first `resident` decoder layers on `device` and streams the others."""
+
+    def __init__(self, backbone: Backbone, device, resident: int, plan: MemoryPlan | None = None):
         self.device = torch.device(device)
         self.backbone = backbone
-        self.layers = list(backbone.layers)
-        self.streamed = self.layers[resident:]
+        layers = list(backbone.layers)
+        self.streamed = layers[resident:]
         cuda = self.device.type == "cuda"
+        for name, child in backbone.named_children():
+            if name != "layers":
+                child.to(self.device)
+        for layer in layers[:resident]:
+            layer.to(self.device)
+        # A layer is configured for the device (e.g. int4 repacked for its kernel) by moving it there
+        # once, one layer at a time, and its bytes are then kept in the host buffer.
+        spans, self.span = _layout(self.streamed[0]) if self.streamed else ([], 0)
+        self.host = torch.empty(self.span * len(self.streamed), dtype=torch.uint8)
+        self.views: dict[int, list[torch.Tensor]] = {}
+        for i, layer in enumerate(self.streamed):
+            layer.to(self.device)
+            for m in layer.modules():  # weights in the layout the device computes with (int4), before copying
+                if hasattr(m, "prepare"):
+                    m.prepare()
+            base = i * self.span
+            views = []
+            for p, (off, n) in zip(layer.parameters(), spans):
+                v = _view(self.host, base + off, n, p.data)
+                v.copy_(p.data)
+                p.data = v
+                views.append(v)
+            self.views[id(layer)] = views
+        self.spans = spans
+        self.pinned = None
+        if cuda and self.streamed:
+            try:
+                self.pinned = _Registered(self.host)
+            except (RuntimeError, AttributeError) as exc:  # e.g. a locked-memory limit in a container
+                import warnings
+                warnings.warn(f"Could not page-lock {self.host.numel() / 2**30:.1f} GiB for streaming ({exc}); "
+                              "copies will not overlap compute, so streaming is slower.")
+        self.slots = [torch.empty(self.span, dtype=torch.uint8, device=self.device) for _ in range(2)]
         self.stream = torch.cuda.Stream(self.device) if cuda else None
-        self.host: dict[int, list[torch.Tensor]] = {}
-        self.ready: dict[int, tuple] = {}
+        self.slot_free = [None, None]   # event: the layer that last used slot k has run
+        self.ready: dict[int, tuple] = {}  # layer id -> (slot, copy-done event)
+        self.turn = 0
         self.handles = []
         for layer in self.streamed:
-            params = list(layer.parameters())
-            self.host[id(layer)] = [p.data.to("cpu").pin_memory() if cuda else p.data.to("cpu") for p in params]
-            for p, h in zip(params, self.host[id(layer)]):
-                p.data = h
             self.handles.append(layer.register_forward_pre_hook(self._before))
             self.handles.append(layer.register_forward_hook(self._after))
-        self.plan = StreamPlan(resident, len(self.streamed), sum(layer_bytes(x) for x in self.streamed))
+        self.index = {id(layer): i for i, layer in enumerate(self.streamed)}
+        self.slot_bytes = 2 * self.span
+        if plan is None:  # a fixed layer count asked for directly: the model's figures for a 512x512 image
+            from .memory import plan as make_plan
+            from .quant import format_of
+            plan = make_plan(backbone.cfg, format_of(backbone), backbone.dtype.itemsize, width=512, height=512,
+                             gpu_layers=resident)
+        self.plan = plan
 
     def _fetch(self, layer) -> None:
         if id(layer) in self.ready:
             return
-        host = self.host[id(layer)]
+        k, self.turn = self.turn, 1 - self.turn
+        src = self.host[self.index[id(layer)] * self.span:(self.index[id(layer)] + 1) * self.span]
         if self.stream is None:
-            self.ready[id(layer)] = ([h.to(self.device, copy=True) for h in host], None)
+            self.slots[k].copy_(src)
+            self.ready[id(layer)] = (k, None)
             return
         with torch.cuda.stream(self.stream):
-            tensors = [h.to(self.device, non_blocking=True) for h in host]
-            event = torch.cuda.Event()
-            event.record(self.stream)
-        self.ready[id(layer)] = (tensors, event)
+            if self.slot_free[k] is not None:
+                self.stream.wait_event(self.slot_free[k])
+            self.slots[k].copy_(src, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        self.ready[id(layer)] = (k, done)
 
     def _before(self, layer, args):
         self._fetch(layer)
-        tensors, event = self.ready.pop(id(layer))
-        if event is not None:
-            torch.cuda.current_stream(self.device).wait_event(event)
-            for t in tensors:  # the copies were made on the side stream: keep them alive for this one
-                t.record_stream(torch.cuda.current_stream(self.device))
-        for p, t in zip(layer.parameters(), tensors):
-            p.data = t
-        i = self.streamed.index(layer)
+        k, done = self.ready.pop(id(layer))
+        if done is not None:
+            torch.cuda.current_stream(self.device).wait_event(done)
+        for p, (off, n), h in zip(layer.parameters(), self.spans, self.views[id(layer)]):
+            p.data = _view(self.slots[k], off, n, h)
+        layer._nextstep_slot = k
+        i = self.index[id(layer)]
         self._fetch(self.streamed[(i + 1) % len(self.streamed)])  # overlap the next copy with this layer
 
     def _after(self, layer, args, output):
-        for p, h in zip(layer.parameters(), self.host[id(layer)]):
-            p.data = h  # drop the GPU copy; the caching allocator reuses it for the next layer
+        if self.stream is not None:
+            used = torch.cuda.Event()
+            used.record(torch.cuda.current_stream(self.device))
+            self.slot_free[layer._nextstep_slot] = used
+        for p, h in zip(layer.parameters(), self.views[id(layer)]):
+            p.data = h  # back to the host copy; the slot is overwritten by a later fetch
         return output
 
     def remove(self) -> None:
-        """Put every layer back on the compute device and remove the hooks."""
+        """Remove the hooks. The streamed layers stay in CPU RAM (unregistered, still one buffer): moving
+        them onto a card they did not fit on is the caller's decision (`backbone.to(...)`)."""
         for h in self.handles:
             h.remove()
-        for layer in self.streamed:
-            for p, h in zip(layer.parameters(), self.host[id(layer)]):
-                p.data = h.to(self.device)
+        self.handles.clear()
+        if self.stream is not None:
+            self.stream.synchronize()
+            torch.cuda.current_stream(self.device).synchronize()
+        if self.pinned is not None:
+            self.pinned.release()
         self.ready.clear()
+        self.slots = []
         self.backbone.streamer = None
 
 
-def stream_layers(backbone: Backbone, gpu_layers: int) -> LayerStreamer | None:
-    """Keep `gpu_layers` decoder layers resident (all of them: no streaming)."""
+def stream_layers(backbone: Backbone, gpu_layers: int, device=None, plan: MemoryPlan | None = None
+                  ) -> LayerStreamer | None:
+    """Keep `gpu_layers` decoder layers on `device` (default: where the backbone is) and stream
+    the rest; with every layer resident, the backbone is just moved there (no streaming)."""
     n = len(backbone.layers)
-    if gpu_layers >= n:
-        return None
-    if gpu_layers < 0:
+    if gpu_layers < 0 or gpu_layers > n:
         from .errors import SettingsError
         raise SettingsError(f"gpu_layers={gpu_layers}: use 0..{n} ({n} keeps the whole backbone on the GPU).")
-    streamer = LayerStreamer(backbone, backbone.device, gpu_layers)
+    device = torch.device(device) if device is not None else backbone.device
+    if backbone.streamer is not None:
+        backbone.streamer.remove()
+    if gpu_layers == n:
+        backbone.to(device)
+        return None
+    streamer = LayerStreamer(backbone, device, gpu_layers, plan)
     backbone.streamer = streamer
     return streamer

@@ -25,7 +25,7 @@ from torch import nn
 
 from .errors import SettingsError
 
-FORMATS = ("int8", "fp8")
+FORMATS = ("int8", "fp8", "int4")  # int4: group-wise, in int4.py
 STORAGE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 QMAX = {"int8": 127.0, "fp8": 448.0}
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -224,7 +224,10 @@ def fp8_linear(x, weight, scale, bias=None) -> torch.Tensor:
     return y.to(x.dtype).reshape(*shape[:-1], weight.shape[0])
 
 
-MODULES = {"int8": Int8Linear, "fp8": Fp8Linear}
+from .int4 import Int4Linear  # noqa: E402  (int4.py imports nothing from here)
+
+MODULES = {"int8": Int8Linear, "fp8": Fp8Linear, "int4": Int4Linear}
+QUANTIZED = (QuantLinear, Int4Linear)
 
 
 def fp8_matmul_available(device: torch.device) -> bool:
@@ -273,7 +276,7 @@ def quantize_layer(layer: nn.Module, fmt: str) -> nn.Module:
         parent_name, name = path.split(".")
         parent = getattr(layer, parent_name)
         old = getattr(parent, name)
-        if isinstance(old, QuantLinear):
+        if isinstance(old, QUANTIZED):
             raise SettingsError(f"This layer is already quantized ({old.fmt}); load the full-precision weights to "
                                 f"quantize them as {fmt}.")
         setattr(parent, name, cls.from_linear(old))
@@ -303,12 +306,12 @@ def empty_quantized_layers(backbone: nn.Module, fmt: str) -> None:
 
 
 def format_of(backbone: nn.Module) -> str | None:
-    """'int8' / 'fp8' for a quantized backbone, None for full precision."""
+    """'int8' / 'fp8' / 'int4' for a quantized backbone, None for full precision."""
     first = backbone.layers[0].self_attn.q_proj if len(backbone.layers) else None
-    return first.fmt if isinstance(first, QuantLinear) else None
+    return first.fmt if isinstance(first, QUANTIZED) else None
 
 
 def quantized_names(module: nn.Module) -> set[str]:
     """State-dict names whose stored dtype is the data itself (8-bit weights and their scales)."""
-    return {f"{n}.{t}" if n else t for n, m in module.named_modules() if isinstance(m, QuantLinear)
+    return {f"{n}.{t}" if n else t for n, m in module.named_modules() if isinstance(m, QUANTIZED)
             for t in ("weight", "scale")}

@@ -2,7 +2,8 @@
 .safetensors, so a 14B model is a ~16 GB download instead of ~30 GB.
 
 Layout: the seven decoder matrices of every layer as int8 or float8_e4m3fn [out, in] plus a
-float32 `<name>.scale` [out]; every other tensor (embeddings, norms, biases, projectors,
+float32 `<name>.scale` [out] (int4: uint8 [out, in/2] and bf16 scale/zero pairs, see int4.py);
+every other tensor (embeddings, norms, biases, projectors,
 `lm_head.weight`, `image_head.*`) copied byte for byte from the source checkpoint. The header
 metadata carries `nextstep_quant` (the format), `nextstep_config` (the source config.json) and
 `nextstep_variant`, so the file needs no config.json beside it. The tokenizer files and `vae/`
@@ -28,10 +29,11 @@ from .weights import INDEX, WeightIndex, data_start, safetensors_header
 META_FORMAT, META_CONFIG, META_VARIANT = "nextstep_quant", "nextstep_config", "nextstep_variant"
 DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8", torch.uint8: "U8",
           torch.float8_e4m3fn: "F8_E4M3", torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL"}
-STORED = {"int8": "I8", "fp8": "F8_E4M3"}
+STORED = {"int8": "I8", "fp8": "F8_E4M3", "int4": "U8"}  # int4: two values per byte
+SCALE_STORED = {"int8": "F32", "fp8": "F32", "int4": "BF16"}
 ARCH_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
              "vocab_size")
-MAKE_ONE = "python -m nextstep_core quantize --model MODEL_FOLDER --format int8|fp8 --out FILE.safetensors"
+MAKE_ONE = "python -m nextstep_core quantize --model MODEL_FOLDER --format int8|fp8|int4 --out FILE.safetensors"
 
 
 def file_metadata(path: str) -> dict:
@@ -135,7 +137,7 @@ def quantized_config(path: str) -> dict:
 def check_stored_dtypes(path: str, index: WeightIndex, fmt: str, names) -> None:
     """A header that says int8 while a matrix is stored in bf16 means a hand-edited or foreign file."""
     for name in sorted(names):
-        want = "F32" if name.endswith(".scale") else STORED[fmt]
+        want = SCALE_STORED[fmt] if name.endswith(".scale") else STORED[fmt]
         got = index.dtypes.get(name)
         if got is not None and got != want:
             raise CheckpointError(f"{path} says its weights are {fmt}, but {name} is stored as {got} (expected "
@@ -149,7 +151,7 @@ def save_quantized(backbone, tokenizer_folder: str, out_path: str, *, lm_head: b
     was loaded in."""
     fmt = format_of(backbone)
     if fmt is None:
-        raise SettingsError("This backbone is not quantized: load it with an 8-bit format (int8 or fp8) first.")
+        raise SettingsError("This backbone is not quantized: load it with a weight format (int8, fp8 or int4) first.")
     if os.path.exists(out_path) and not force:
         raise SettingsError(f"{out_path} already exists; choose another name or allow overwriting "
                             "(--force). Nothing was written.")

@@ -112,22 +112,35 @@ def resized(patcher) -> None:
         patcher.size = 0
 
 
-def load_to_device(patchers: list, memory_required: int) -> None:
+def load_to_device(patchers: list, memory_required: int) -> list:
     """Ask ComfyUI to make room (offloading other models) and move our parts onto their device.
-    Whole parts: the engine's layers are plain torch modules, which ComfyUI cannot stream."""
+    Whole parts: the engine's layers are plain torch modules, which ComfyUI cannot stream. With
+    --novram ComfyUI loads nothing: the parts it left behind are moved here (the flow head and VAE
+    are small) and returned, for the caller to park again after the run."""
     patchers = [p for p in patchers if p is not None]
     mm = model_management()
     if mm is None or not patchers:
-        return
+        return []
     mm.load_models_gpu(patchers, memory_required=int(memory_required), force_full_load=True)
+    moved = []
     for p in patchers:
         where = next(p.model.parameters()).device
         if not same_device(where, torch.device(p.load_device)):
-            from ..nextstep_core.errors import DeviceError
-            raise DeviceError(
-                f"ComfyUI left a NextStep part on {where} instead of {p.load_device} (it does that with "
-                "--novram). NextStep needs each part whole on one device: start ComfyUI without --novram, or "
-                "set the three NextStep loaders' device to cpu.")
+            if vram_mode() != "no_vram":
+                from ..nextstep_core.errors import DeviceError
+                raise DeviceError(
+                    f"ComfyUI left a NextStep part on {where} instead of {p.load_device}. The flow head and VAE "
+                    "need to be whole on one device: free the GPU of other models, or set the three NextStep "
+                    "loaders' device to cpu.")
+            p.model.part.to(p.load_device)
+            moved.append(p)
+    return moved
+
+
+def park(patchers: list) -> None:
+    """Put parts this pack moved itself (not ComfyUI) back on their offload device."""
+    for p in patchers:
+        p.model.part.to(p.offload_device)
 
 
 def same_device(a: torch.device, b: torch.device) -> bool:
@@ -162,3 +175,39 @@ def progress_text(text: str, node_id=None) -> None:
     send = getattr(instance, "send_progress_text", None)
     if send is not None:
         send(text, node_id)
+
+
+def vram_mode() -> str:
+    """ComfyUI's VRAM state by name: 'no_vram' (--novram), 'low_vram' (--lowvram), 'normal_vram', ...
+    ('normal_vram' outside ComfyUI)."""
+    state = getattr(model_management(), "vram_state", None)
+    return getattr(state, "name", "NORMAL_VRAM").lower()
+
+
+def streams_weights(device: torch.device) -> bool:
+    """Whether streaming layers can help: onto a CUDA GPU only (a CPU run holds the weights in RAM
+    already, and Apple's unified memory is that same RAM)."""
+    return model_management() is not None and device.type == "cuda"
+
+
+def make_room(bytes_needed: int, device: torch.device, keep: list) -> int:
+    """Let ComfyUI offload other models until `bytes_needed` are free (keeping `keep` loaded), then
+    -> the bytes free for us: its own figure minus what it reserves (--reserve-vram)."""
+    mm = model_management()
+    mm.free_memory(int(bytes_needed), device, keep_loaded=[p for p in keep if p is not None])
+    return int(mm.get_free_memory(device)) - int(mm.extra_reserved_memory())
+
+
+def is_loaded(patcher) -> bool:
+    """Whether ComfyUI holds `patcher` loaded on its device now."""
+    mm = model_management()
+    return patcher is not None and any(p is patcher for p in mm.loaded_models())
+
+
+def show(text: str, node_id=None) -> None:
+    """What runs where: in the log, and on the node (ComfyUI's progress text) where it has one."""
+    import logging
+    logging.info("NextStep: %s", text)
+    instance = getattr(getattr(_module("server"), "PromptServer", None), "instance", None)
+    if instance is not None and node_id is not None and hasattr(instance, "send_progress_text"):
+        instance.send_progress_text(text, node_id)

@@ -15,7 +15,7 @@ from ..nextstep_core.devices import resolve_dtype
 CATEGORY = "NextStep/loaders"
 DTYPES = ["auto", "bf16", "fp16", "fp32"]
 DEVICES = ["auto", "cpu"]
-WEIGHTS = ["full", "int8", "fp8"]
+WEIGHTS = ["full", "int8", "fp8", "int4"]
 
 
 def _common_inputs(what: str, auto_note: str) -> dict:
@@ -62,7 +62,9 @@ class NextStepBackboneLoader:
                 "full: the weights as downloaded (in dtype). int8 / fp8: the decoder's matrices in 8 bits, "
                 "about 14 GB instead of 28 GB at 14B, quantized while loading (or read from a pre-quantized "
                 "file of that format in the folder, made with `python -m nextstep_core quantize`). int8 works on "
-                "every GPU and is the closer to full; fp8 uses fp8 matmuls on Ada/Hopper GPUs.")}),
+                "every GPU and is the closer to full; fp8 uses fp8 matmuls on Ada/Hopper GPUs. int4: group-wise 4-bit, "
+                "about 7 GB at 14B (a 12 GB card keeps it whole), with torch's int4 kernels on Ampere and newer. "
+                "Whatever does not fit in free VRAM streams from RAM each token (slower, but it runs).")}),
         }}
 
     @classmethod

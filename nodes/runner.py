@@ -3,6 +3,7 @@ make room and move them to the GPU, then sample with progress, Cancel and previe
 from __future__ import annotations
 
 from . import bridge
+from .placement import placed
 from .progress import TokenProgress
 from .remote import LOCAL_ONLY, is_remote
 from .sockets import BACKBONE, FLOW_HEAD, VAE, LoadedPart, label
@@ -66,7 +67,7 @@ def run(backbone: LoadedPart, flow_head: LoadedPart, vae: LoadedPart, request: R
         attach_lm_head(bb)  # read now, so ComfyUI moves and counts it with the rest of the backbone
         bridge.resized(backbone.patcher)
     extra = (tokens if editing else 0) + (think.max_tokens if writes_text else 0)
-    bridge.load_to_device([backbone.patcher, flow_head.patcher, vae.patcher],
-                          memory_required(backbone, vae, rows, tokens, extra))
     pipeline = NextStepPipeline(bb, backbone.tokenizer, flow_head.module, vae.module)
-    return pipeline.run(request, callback=TokenProgress(vae.module, bb, grid, node_id))
+    with placed(backbone, flow_head, vae, rows, batch, tokens, PROMPT_TOKENS + extra,
+                memory_required(backbone, vae, rows, tokens, extra), node_id):
+        return pipeline.run(request, callback=TokenProgress(vae.module, bb, grid, node_id))

@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from . import bridge, runner, settings
+from . import runner, settings
+from .placement import placed
 from .progress import TokenProgress
 from ..nextstep_core.engine import SamplingSettings
 from ..nextstep_core.errors import SettingsError
@@ -108,12 +109,12 @@ def add_panel(state: StoryState, prompt: str, seed: int, node_id=None) -> tuple[
     board = Storyboard(pipe)
     grid = board.grid(state.width, state.height)
     tokens = grid[0] * grid[1]
-    bridge.load_to_device([backbone.patcher, flow_head.patcher, vae.patcher],
-                          runner.memory_required(backbone, vae, state.context.cfg_mult, tokens,
-                                                 state.context.length))
-    panel = board.add_panel(state.context, prompt, width=state.width, height=state.height, seed=int(seed),
-                            sampling=state.sampling, positive=state.positive,
-                            callback=TokenProgress(vae.module, backbone.module, grid, node_id))
+    with placed(backbone, flow_head, vae, state.context.cfg_mult, 1, tokens,
+                runner.PROMPT_TOKENS + state.context.length,
+                runner.memory_required(backbone, vae, state.context.cfg_mult, tokens, state.context.length), node_id):
+        panel = board.add_panel(state.context, prompt, width=state.width, height=state.height, seed=int(seed),
+                                sampling=state.sampling, positive=state.positive,
+                                callback=TokenProgress(vae.module, backbone.module, grid, node_id))
     return panel.image, replace(state, context=panel.context.offloaded(), panels=state.panels + 1)
 
 

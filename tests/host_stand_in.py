@@ -1,5 +1,5 @@
 """A stand-in for the few ComfyUI modules the pack calls (folder_paths, comfy.model_management,
-comfy.model_patcher, comfy.utils, comfy.cli_args), written from their documented behaviour.
+comfy.model_patcher, comfy.utils, comfy.cli_args, server), written from their documented behaviour.
 
 Installed into sys.modules for a test, it lets the nodes run their real ComfyUI code paths
 (folder registration, ModelPatcher wrapping, load_models_gpu, progress, previews, Cancel)
@@ -8,6 +8,7 @@ Also loads the pack the way ComfyUI does: as a package named after its folder.
 """
 from __future__ import annotations
 
+import enum
 import importlib.util
 import os
 import sys
@@ -45,6 +46,11 @@ class Host:
         self.progress = []        # (value, total, preview, node_id)
         self.on_progress = None   # called with (value, total) after each progress update
         self.interrupted = False
+        self.free_calls = []      # (bytes, device, keep_loaded) asked of free_memory
+        self.loaded = []          # patchers load_models_gpu loaded, most recent first
+        self.free_bytes = 1 << 40  # what get_free_memory reports
+        self.reserved_bytes = 400 << 20  # ComfyUI's default reserve (--reserve-vram changes it)
+        self.texts = []           # (text, node_id) shown on nodes
         self.modules = self._build()
 
     def _build(self) -> dict:
@@ -99,15 +105,33 @@ class Host:
         def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
                             force_full_load=False):
             host.load_calls.append((list(models), memory_required, force_full_load))
+            if mm.vram_state == mm.VRAMState.NO_VRAM:
+                return  # ComfyUI's --novram: plain torch modules stay where they are
             for p in models:
                 p.model.to(p.load_device)
                 p.model.device = p.load_device
+                if not any(p is q for q in host.loaded):
+                    host.loaded.insert(0, p)
 
         def throw_exception_if_processing_interrupted():
             if host.interrupted:
                 host.interrupted = False
                 raise Interrupted()
 
+        mm.VRAMState = enum.Enum("VRAMState", "DISABLED NO_VRAM LOW_VRAM NORMAL_VRAM HIGH_VRAM SHARED", start=0)
+        mm.vram_state = mm.VRAMState.NORMAL_VRAM  # tests set NO_VRAM / LOW_VRAM as the flags would
+
+        def free_memory(memory_required, device, keep_loaded=[], **kw):
+            """Unloads every model not kept, as ComfyUI does when the room is needed."""
+            host.free_calls.append((memory_required, device, list(keep_loaded)))
+            for p in [p for p in host.loaded if not any(p is k for k in keep_loaded)]:
+                p.model.to(p.offload_device)
+                host.loaded.remove(p)
+
+        mm.free_memory = free_memory
+        mm.get_free_memory = lambda dev=None, torch_free_too=False: host.free_bytes
+        mm.extra_reserved_memory = lambda: host.reserved_bytes
+        mm.loaded_models = lambda only_currently_used=False: list(host.loaded)
         mm.load_models_gpu = load_models_gpu
         mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
         mm.processing_interrupted = lambda: host.interrupted
@@ -145,11 +169,22 @@ class Host:
         cli_args = types.ModuleType("comfy.cli_args")
         cli_args.args = types.SimpleNamespace(preview_size=512)
 
+        server = types.ModuleType("server")
+
+        class PromptServer:
+            instance = None
+
+            def send_progress_text(self, text, node_id, sid=None):
+                host.texts.append((text, node_id))
+
+        PromptServer.instance = PromptServer()
+        server.PromptServer = PromptServer
+
         comfy = types.ModuleType("comfy")
         comfy.__path__ = []
         comfy.model_management, comfy.model_patcher, comfy.utils, comfy.cli_args = mm, patcher, utils, cli_args
         return {"folder_paths": fp, "comfy": comfy, "comfy.model_management": mm, "comfy.model_patcher": patcher,
-                "comfy.utils": utils, "comfy.cli_args": cli_args}
+                "comfy.utils": utils, "comfy.cli_args": cli_args, "server": server}
 
     def install(self, monkeypatch) -> "Host":
         for name, module in self.modules.items():

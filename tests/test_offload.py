@@ -3,7 +3,7 @@ import torch
 
 from nextstep_core.checkpoint import load_backbone
 from nextstep_core.engine import SamplingSettings
-from nextstep_core.offload import stream_layers
+from nextstep_core.offload import layer_bytes, stream_layers
 from nextstep_core.pipeline import Request
 from parity_support import assert_tokens_close
 
@@ -26,3 +26,74 @@ def test_streamed_layers_give_the_same_tokens(tiny_pipeline, tiny_model):
 def test_all_layers_resident_means_no_streaming(tiny_model):
     bb, _ = load_backbone(tiny_model)
     assert stream_layers(bb, gpu_layers=len(bb.layers)) is None
+
+
+def test_nothing_resident_streams_every_layer(tiny_pipeline):
+    """What ComfyUI's --novram gets: every decoder layer crosses over each token."""
+    req = Request(["a lamp"], 32, 32, seed=5, sampling=SamplingSettings(steps=2, cfg=3.0))
+    want = tiny_pipeline.run(req).tokens
+    streamer = stream_layers(tiny_pipeline.backbone, gpu_layers=0)
+    try:
+        assert streamer.plan.resident == 0 and len(streamer.streamed) == len(tiny_pipeline.backbone.layers)
+        got = tiny_pipeline.run(req).tokens
+    finally:
+        streamer.remove()
+    assert_tokens_close(got, want)
+
+
+def test_host_copy_is_one_exact_buffer_and_two_device_buffers_are_reused(tiny_model):
+    bb, tok = load_backbone(tiny_model)
+    layer_sizes = [layer_bytes(layer) for layer in bb.layers]
+    streamer = stream_layers(bb, gpu_layers=0)
+    try:
+        # one host buffer: the streamed layers' bytes plus alignment padding, no power-of-two rounding
+        assert streamer.host.numel() == streamer.span * len(bb.layers)
+        assert sum(layer_sizes) <= streamer.host.numel() < sum(layer_sizes) + 256 * 64 * len(bb.layers)
+        slots = {s.data_ptr() for s in streamer.slots}
+        assert len(slots) == 2 and all(s.numel() == streamer.span for s in streamer.slots)
+        seen = set()
+        hooks = [layer.register_forward_pre_hook(lambda m, a: None) for layer in bb.layers]  # after the streamer's
+
+        def record(module, args):
+            seen.add(next(module.parameters()).untyped_storage().data_ptr())
+        hooks += [layer.mlp.register_forward_pre_hook(record) for layer in bb.layers]
+        for seed in (1, 2):
+            run_tokens(bb, tok, tiny_model, seed)
+        assert seen == slots  # every layer ran from one of the two preallocated buffers, nothing else
+        assert {s.data_ptr() for s in streamer.slots} == slots
+        host = streamer.host.untyped_storage().data_ptr()
+        assert all(p.untyped_storage().data_ptr() == host for layer in bb.layers for p in layer.parameters())
+    finally:
+        for h in hooks:
+            h.remove()
+        streamer.remove()
+
+
+def test_cli_low_vram_mode_loads_into_ram_and_moves_only_what_stays(tiny_model, tmp_path, monkeypatch, capsys):
+    import nextstep_core.checkpoint as checkpoint
+    import nextstep_core.offload as offload
+    from nextstep_core.cli import main
+    seen = {}
+    real_load, real_stream = checkpoint.load_backbone, offload.stream_layers
+
+    def load(folder, device="cpu", *a, **k):
+        seen["load"] = str(device)
+        return real_load(folder, device, *a, **k)
+
+    def stream(backbone, gpu_layers, device=None, plan=None):
+        seen["stream"] = (gpu_layers, str(device), plan.resident)
+        return real_stream(backbone, gpu_layers, device, plan)
+    monkeypatch.setattr(checkpoint, "load_backbone", load)
+    monkeypatch.setattr(offload, "stream_layers", stream)
+    assert main(["generate", "--model", tiny_model, "--prompt", "x", "--width", "32", "--height", "32", "--steps", "2",
+                 "--device", "cpu", "--gpu-layers", "1", "--out", str(tmp_path / "a.png")]) == 0
+    assert seen == {"load": "cpu", "stream": (1, "cpu", 1)}
+    assert "low-VRAM mode: 1/2 layers on the GPU" in capsys.readouterr().err
+
+
+def run_tokens(bb, tok, folder, seed):
+    from nextstep_core.checkpoint import load_flow_head, load_vae
+    from nextstep_core.pipeline import NextStepPipeline
+    pipe = NextStepPipeline(bb, tok, load_flow_head(folder), load_vae(folder))
+    pipe.decode = lambda tokens, grid: tokens
+    return pipe.run(Request(["a cup"], 32, 32, seed=seed, sampling=SamplingSettings(steps=2))).tokens

@@ -1,0 +1,138 @@
+"""One model of what a run needs where: resident weights, streamed weights, KV cache,
+activations and the VAE decode, from the config, the weight format, the image size, the batch,
+the CFG rows, the context before the image and the memory that is free.
+
+The CLI (`--gpu-layers auto`), the nodes (sized from what ComfyUI reports free) and the README's
+memory table all ask this one function, so what a user reads is what the code decides. Layers
+that do not fit stay in (pinned) CPU RAM and cross PCIe once per token (offload.py), so the only
+run refused is one that does not fit even with every decoder layer streamed; the error gives the
+figures.
+
+Weight bytes come from the modules themselves built on the meta device (no formula to drift
+from the code); activations are the largest of the prefill of one layer and the VAE's
+full-resolution feature maps, which never live at the same time.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .errors import DeviceError
+
+GiB = 2 ** 30
+PCIE_GBPS = 25.0  # PCIe 4.0 x16 as measured by typical host-to-device copies; 5.0 cards roughly double it
+SLACK = 256 * 2 ** 20  # allocator fragmentation, CUDA graphs' pools, small temporaries
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    layers: int
+    resident: int                 # decoder layers kept on the device
+    layer_bytes: int              # one decoder layer in the chosen format
+    fixed_weight_bytes: int       # embeddings, norms, projectors (+ LM head) and the other parts' weights
+    kv_bytes: int
+    activation_bytes: int         # the larger of prefill activations and the VAE decode
+    buffer_bytes: int             # the two prefetch sets of streamed layers (0 when nothing streams)
+    free_bytes: Optional[int]     # what the device had free (None: not known, e.g. CPU)
+
+    @property
+    def streamed(self) -> int:
+        return self.layers - self.resident
+
+    @property
+    def streamed_bytes(self) -> int:
+        """Bytes crossing PCIe per image token."""
+        return self.streamed * self.layer_bytes
+
+    @property
+    def device_bytes(self) -> int:
+        return (self.fixed_weight_bytes + self.resident * self.layer_bytes + self.kv_bytes + self.activation_bytes
+                + self.buffer_bytes + SLACK)
+
+    @property
+    def host_bytes(self) -> int:
+        return self.streamed_bytes
+
+    def seconds_per_token(self, pcie_gbps: float = PCIE_GBPS) -> float:
+        """The time streaming adds per token, when the copies are not hidden behind compute."""
+        return self.streamed_bytes / (pcie_gbps * 1e9)
+
+    def describe(self, tokens: int = 1024) -> str:
+        where = f"{self.resident}/{self.layers} layers on the GPU"
+        if not self.streamed:
+            return f"{where}, nothing streamed; {self.device_bytes / GiB:.1f} GiB on the device"
+        per = self.seconds_per_token()
+        return (f"{where}, {self.streamed_bytes / GiB:.2f} GiB streamed from CPU RAM per token (about "
+                f"{per * 1000:.0f} ms per token over PCIe, {per * tokens:.0f} s more for a {tokens}-token image); "
+                f"{self.device_bytes / GiB:.1f} GiB on the device, {self.host_bytes / GiB:.1f} GiB pinned in RAM")
+
+
+def weight_bytes(cfg, fmt: Optional[str], dtype_bytes: int, lm_head: bool = False) -> tuple[int, int]:
+    """-> (bytes of one decoder layer, bytes of everything else in the backbone) in `fmt`
+    (None: full precision at `dtype_bytes` per value), from the modules built on meta."""
+    from .backbone import Backbone
+    from .quant import empty_quantized_layers, quantized_names
+    with torch.device("meta"):
+        bb = Backbone(dataclasses.replace(cfg, num_layers=1), with_lm_head=lm_head)
+        if fmt is not None:
+            empty_quantized_layers(bb, fmt)
+    own = quantized_names(bb)
+    layer = rest = 0
+    for name, t in bb.state_dict().items():
+        size = t.numel() * (t.element_size() if name in own else dtype_bytes)
+        if name.startswith("layers."):
+            layer += size
+        else:
+            rest += size
+    return layer, rest
+
+
+def kv_bytes(cfg, rows: int, positions: int, dtype_bytes: int) -> int:
+    return 2 * cfg.num_layers * rows * cfg.num_kv_heads * cfg.head_dim * positions * dtype_bytes
+
+
+def plan(cfg, fmt: Optional[str], dtype_bytes: int, *, width: int, height: int, batch: int = 1, cfg_rows: int = 2,
+         context_tokens: int = 512, free_bytes: Optional[int] = None, other_weight_bytes: int = 0,
+         vae_channels: int = 128, lm_head: bool = False, gpu_layers: Optional[int] = None,
+         patch: int = 16) -> MemoryPlan:
+    """What runs where. `cfg_rows`: rows per image (1 without CFG, 2 with text CFG, 3 for edits
+    with image CFG); `context_tokens`: positions before the image tokens (prompt, edit image,
+    story so far, reasoning); `other_weight_bytes`: the flow head and the VAE (always resident);
+    `gpu_layers`: a fixed number of resident layers instead of as many as fit.
+
+    Raises DeviceError, with the figures, only when even zero resident layers do not fit."""
+    n = cfg.num_layers
+    layer, rest = weight_bytes(cfg, fmt, dtype_bytes, lm_head)
+    rows = batch * cfg_rows
+    tokens = (width // patch) * (height // patch)
+    kv = kv_bytes(cfg, rows, context_tokens + tokens, dtype_bytes)
+    prefill = rows * context_tokens * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * dtype_bytes
+    decode = 4 * width * height * vae_channels * dtype_bytes * batch
+    act = max(prefill, decode)
+    fixed = rest + other_weight_bytes
+    base = dict(layers=n, layer_bytes=layer, fixed_weight_bytes=fixed, kv_bytes=kv, activation_bytes=act,
+                free_bytes=free_bytes)
+    if gpu_layers is not None:
+        if not 0 <= gpu_layers <= n:
+            from .errors import SettingsError
+            raise SettingsError(f"gpu_layers={gpu_layers}: use 0..{n} ({n} keeps the whole backbone on the GPU), "
+                                "or auto.")
+        return MemoryPlan(resident=gpu_layers, buffer_bytes=2 * layer if gpu_layers < n else 0, **base)
+    if free_bytes is None:
+        return MemoryPlan(resident=n, buffer_bytes=0, **base)
+    whole = MemoryPlan(resident=n, buffer_bytes=0, **base)
+    if whole.device_bytes <= free_bytes:
+        return whole
+    none = MemoryPlan(resident=0, buffer_bytes=2 * layer, **base)
+    if none.device_bytes > free_bytes:
+        raise DeviceError(
+            f"This run needs {none.device_bytes / GiB:.1f} GiB on the GPU even with every decoder layer streamed "
+            f"from RAM ({fixed / GiB:.1f} GiB of other weights, {kv / GiB:.1f} GiB KV cache for {rows} rows x "
+            f"{context_tokens + tokens} positions, {act / GiB:.1f} GiB activations, {2 * layer / GiB:.2f} GiB "
+            f"prefetch buffers), but only {free_bytes / GiB:.1f} GiB is free. Make the image smaller, the batch "
+            f"smaller, or turn CFG off; or free the GPU of other models.")
+    resident = min(n - 1, (free_bytes - none.device_bytes) // layer)
+    return MemoryPlan(resident=int(resident), buffer_bytes=2 * layer, **base)
