@@ -40,3 +40,22 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise DeviceError("This GPU has no bfloat16 support: use float16 (or auto).")
     return dtype
+
+
+def kernel_agrees(label: str, device, fast, reference: torch.Tensor, bound: float) -> bool:
+    """Run a fast kernel once on a small probe and compare it with the dequantized product:
+    some builds ship a kernel that raises or is wrong on a given GPU, and the weights must then
+    be dequantized instead. `fast` is called here so its failure is caught and reported."""
+    import warnings
+    try:
+        out = fast().float()
+    except (RuntimeError, NotImplementedError) as exc:
+        warnings.warn(f"{label} matmul is not usable on {device} ({str(exc).splitlines()[0]}); {label} weights will "
+                      "be dequantized per layer instead (slower).")
+        return False
+    err = float((out - reference).abs().mean() / reference.abs().mean())
+    if not err < bound:
+        warnings.warn(f"{label} matmul on {device} gave a relative error of {err:.3f} on a probe; {label} weights "
+                      "will be dequantized per layer instead.")
+        return False
+    return True

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .devices import kernel_agrees
 
 GROUP = 128
 INT4_MATMUL_ENV = "NEXTSTEP_INT4_MATMUL"  # auto (default) | off (always dequantize)
@@ -109,19 +110,8 @@ def _probe_cuda(index: int) -> bool:
     w = torch.randn(64, 256, device=device, generator=gen)
     x = torch.randn(3, 256, device=device, generator=gen).to(torch.bfloat16)
     packed, sz = quantize_int4(w, 128)
-    try:
-        fast = _matmul(x, _to_kernel(packed, "cuda", 8), sz, 128, "cuda").float()
-    except (RuntimeError, NotImplementedError) as exc:
-        warnings.warn(f"int4 matmul is not usable on {device} ({str(exc).splitlines()[0]}); int4 weights will be "
-                      "dequantized per layer instead (slower).")
-        return False
-    ref = x.float() @ dequantize(packed, sz).t()
-    err = float((fast - ref).abs().mean() / ref.abs().mean())
-    if not err < 0.02:
-        warnings.warn(f"int4 matmul on {device} gave a relative error of {err:.3f} on a probe; int4 weights will be "
-                      "dequantized per layer instead.")
-        return False
-    return True
+    return kernel_agrees("int4", device, lambda: _matmul(x, _to_kernel(packed, "cuda", 8), sz, 128, "cuda"),
+                         x.float() @ dequantize(packed, sz).t(), 0.02)
 
 
 def _to_kernel(packed: torch.Tensor, kernel: str, tiles: int) -> torch.Tensor:

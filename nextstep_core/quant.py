@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .devices import kernel_agrees
 from .errors import SettingsError
 
 FORMATS = ("int8", "fp8", "int4")  # int4: group-wise, in int4.py
@@ -253,19 +254,7 @@ def probe_fp8_matmul(device: torch.device) -> bool:
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(3, 64, device=device, generator=gen).to(torch.bfloat16)
     q, scale = quantize_weight(torch.randn(32, 64, device=device, generator=gen), "fp8")
-    try:
-        fast = fp8_linear(x, q, scale).float()
-    except (RuntimeError, NotImplementedError) as exc:
-        warnings.warn(f"fp8 matmul is not usable on {device} ({str(exc).splitlines()[0]}); fp8 weights will be "
-                      "dequantized per layer instead (slower).")
-        return False
-    ref = dequantized_linear(x.float(), q, scale)
-    err = float((fast - ref).abs().mean() / ref.abs().mean())
-    if not err < 0.1:
-        warnings.warn(f"fp8 matmul on {device} gave a relative error of {err:.3f} on a probe; fp8 weights will be "
-                      "dequantized per layer instead.")
-        return False
-    return True
+    return kernel_agrees("fp8", device, lambda: fp8_linear(x, q, scale), dequantized_linear(x.float(), q, scale), 0.1)
 
 
 def quantize_layer(layer: nn.Module, fmt: str) -> nn.Module:
