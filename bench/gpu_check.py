@@ -28,8 +28,8 @@ from nextstep_core.engine import SamplingSettings, TokenLoop, noise_for  # noqa:
 from nextstep_core.flow_head import FlowHead  # noqa: E402
 from nextstep_core.memory import GiB, plan  # noqa: E402
 from nextstep_core.noise import make_generator  # noqa: E402
-from nextstep_core.offload import stream_layers  # noqa: E402
-from nextstep_core.quant import quantize_layer  # noqa: E402
+from nextstep_core.weights.streaming import stream_layers  # noqa: E402
+from nextstep_core.weights.quant import quantize_layer  # noqa: E402
 
 FULL = dict(hidden=5120, layers=48, heads=40, kv=8, mlp=13824, head_width=1536, head_layers=12, vocab=152064)
 SMALL = dict(hidden=256, layers=6, heads=4, kv=2, mlp=512, head_width=128, head_layers=2, vocab=512)

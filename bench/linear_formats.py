@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nextstep_core.quant import dequantized_linear, fp8_linear, int8_linear, quantize_weight  # noqa: E402
+from nextstep_core.weights.quant import dequantized_linear, fp8_linear, int8_linear, quantize_weight  # noqa: E402
 
 
 def timed(fn, device, reps):

@@ -30,7 +30,7 @@ from nextstep_core.config import BackboneConfig, FlowHeadConfig  # noqa: E402
 from nextstep_core.engine import SamplingSettings  # noqa: E402
 from nextstep_core.flow_head import FlowHead  # noqa: E402
 from nextstep_core.pipeline import NextStepPipeline, Request  # noqa: E402
-from nextstep_core.quant import LINEARS, empty_quantized_layers, quantize_backbone, quantized_names  # noqa: E402
+from nextstep_core.weights.quant import LINEARS, empty_quantized_layers, quantize_backbone, quantized_names  # noqa: E402
 from nextstep_core.tiny import write_tiny  # noqa: E402
 from nextstep_core.token_error import relative_error, teacher_forced  # noqa: E402
 
@@ -112,7 +112,7 @@ def main(argv=None):
                     ("int4 (group 128; kernel, bf16 activations)", "int4", "int4-kernel"),
                     ("int4 (dequantized)", "int4", "int4-off")]
         asked = os.environ.get("NEXTSTEP_FP8_MATMUL", "auto")
-        import nextstep_core.int4 as int4
+        import nextstep_core.weights.int4 as int4
         int4.GROUP = args.int4_group
         variants = [(n.replace("group 128", f"group {args.int4_group}"), f, m) for n, f, m in variants
                     if not args.only or f in args.only.split(",")]

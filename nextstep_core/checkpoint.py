@@ -15,12 +15,12 @@ from .backbone import Backbone
 from .config import backbone_config, flow_head_config, read_json
 from .errors import CheckpointError
 from .flow_head import FlowHead
-from .quant import LINEARS, check_device, check_format, empty_quantized_layers, quantize_layer, quantized_names
-from .quant_file import (MAKE_ONE, META_VARIANT, check_stored_dtypes, file_format, file_metadata, pick_quantized,
+from .weights.quant import LINEARS, check_device, check_format, empty_quantized_layers, quantize_layer, quantized_names
+from .weights.quant_file import (MAKE_ONE, META_VARIANT, check_stored_dtypes, file_format, file_metadata, pick_quantized,
                          quantized_config, scan)
 from .tokenizer import NextStepTokenizer
 from .vae import NextStepVAE, VAEConfig
-from .weights import WeightIndex, load_torch_state, safetensors_header, check_shapes
+from .weights.reading import WeightIndex, load_torch_state, safetensors_header, check_shapes
 
 HEAD_PREFIX = "image_head."
 VARIANTS = ("nextstep1-large", "nextstep1-large-pretrain", "nextstep1-large-edit", "nextstep1.1", "nextstep1.1-pretrain")
@@ -104,7 +104,7 @@ def load_backbone(folder: str, device="cpu", dtype=torch.float32, with_lm_head: 
 
     `quant` ('int8' / 'fp8') quantizes the decoder layers while loading, one layer at a time, so
     the full-precision model never sits in memory whole. `folder` may also be a pre-quantized
-    file (see quant_file.py) or a folder holding one; its tokenizer is read from the file's folder.
+    file (see weights/quant_file.py) or a folder holding one; its tokenizer is read from the file's folder.
     `dtype` is the compute dtype: everything that is not 8-bit is cast to it. `ops` supplies the layer
     classes (Linear, Embedding), so a host can substitute its own (e.g. ComfyUI's weight-streaming ops)."""
     if quant is not None:

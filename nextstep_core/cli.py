@@ -14,7 +14,7 @@ import time
 from .errors import NextStepError
 from .presets import preset
 from .progress_line import ProgressLine
-from .quant import FORMATS
+from .weights.quant import FORMATS
 from .samplers import SAMPLERS
 
 
@@ -175,7 +175,7 @@ def run_generation(args) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     t0 = time.perf_counter()
-    # low-VRAM mode reads the backbone into RAM and moves only the layers that stay (see offload.py)
+    # low-VRAM mode reads the backbone into RAM and moves only the layers that stay (see weights/streaming.py)
     backbone, tok = load_backbone(model, "cpu" if args.gpu_layers is not None else device, dtype, quant=args.quant)
     pipe = NextStepPipeline(backbone, tok, load_flow_head(model, device, dtype), load_vae(args.vae or model, device, dtype))
     load_s = time.perf_counter() - t0
@@ -244,9 +244,9 @@ def _stream(args, backbone, req, settings, device, editing) -> None:
     """Keep as many decoder layers on the device as memory.plan says fit (or --gpu-layers N)."""
     import torch
     from .memory import plan
-    from .offload import stream_layers
+    from .weights.streaming import stream_layers
     from .prompts import cfg_mult_for
-    from .quant import format_of
+    from .weights.quant import format_of
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     batch = (len(req.edit_images) if editing else max(1, len(req.prompts))) * req.images_per_prompt
     width, height = req.width or 512, req.height or 512
@@ -289,7 +289,7 @@ def run_quantize(args) -> int:
     import torch
     from .checkpoint import load_backbone
     from .devices import resolve_device
-    from .quant_file import save_quantized
+    from .weights.quant_file import save_quantized
     out = args.out
     if not out.endswith(".safetensors"):
         raise NextStepError(f"--out {out}: the file name must end in .safetensors.")

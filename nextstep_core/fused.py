@@ -63,7 +63,7 @@ def fused_linear(mods) -> nn.Module | None:
     if len(kinds) != 1:
         return None
     kind = kinds.pop()
-    from .quant import QuantLinear
+    from .weights.quant import QuantLinear
     if kind is not nn.Linear and not issubclass(kind, QuantLinear):
         return None
     try:

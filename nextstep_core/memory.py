@@ -4,9 +4,9 @@ the CFG rows, the context before the image and the memory that is free.
 
 The CLI (`--gpu-layers auto`), the nodes (sized from what ComfyUI reports free) and the README's
 memory table all ask this one function, so what a user reads is what the code decides. Layers
-that do not fit stay in (pinned) CPU RAM and cross PCIe once per token (offload.py), so the only
-run refused is one that does not fit even with every decoder layer streamed; the error gives the
-figures.
+that do not fit stay in (pinned) CPU RAM and cross PCIe once per token (weights/streaming.py), so
+the only run refused is one that does not fit even with every decoder layer streamed; the error
+gives the figures.
 
 Weight bytes come from the modules themselves built on the meta device (no formula to drift
 from the code); activations are the largest of the prefill of one layer and the VAE's
@@ -74,7 +74,7 @@ def weight_bytes(cfg, fmt: Optional[str], dtype_bytes: int, lm_head: bool = Fals
     """-> (bytes of one decoder layer, bytes of everything else in the backbone) in `fmt`
     (None: full precision at `dtype_bytes` per value), from the modules built on meta."""
     from .backbone import Backbone
-    from .quant import empty_quantized_layers, quantized_names
+    from .weights.quant import empty_quantized_layers, quantized_names
     with torch.device("meta"):
         bb = Backbone(dataclasses.replace(cfg, num_layers=1), with_lm_head=lm_head)
         if fmt is not None:

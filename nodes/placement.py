@@ -1,7 +1,7 @@
 """Where the parts go for one run: the flow head and VAE whole on the GPU, the backbone whole
 when it fits, otherwise as many decoder layers as fit with the rest streamed from RAM per token.
 
-Streaming is the engine's own (nextstep_core/offload.py), driven from here, rather than ComfyUI's
+Streaming is the engine's own (nextstep_core/weights/streaming.py), driven from here, rather than ComfyUI's
 lowvram partial loads: those stream only modules built from `comfy.ops` layers, cast weights per
 call in full precision, and know nothing of our int8/fp8/int4 linears or of the per-token
 prefetch the decode loop needs. ComfyUI still decides how much room there is: other models are
@@ -17,8 +17,8 @@ import contextlib
 
 from . import bridge
 from ..nextstep_core.memory import plan
-from ..nextstep_core.offload import stream_layers
-from ..nextstep_core.quant import format_of
+from ..nextstep_core.weights.streaming import stream_layers
+from ..nextstep_core.weights.quant import format_of
 
 
 def part_bytes(module) -> int:

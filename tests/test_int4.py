@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 from nextstep_core.checkpoint import load_backbone
 from nextstep_core.cli import main as cli_main
-from nextstep_core.int4 import (INT4_MATMUL_ENV, Int4Linear, _from_kernel, _to_kernel, _unpack_cpu, dequantize,
+from nextstep_core.weights.int4 import (INT4_MATMUL_ENV, Int4Linear, _from_kernel, _to_kernel, _unpack_cpu, dequantize,
                                 group_size, quantize_int4, unpack)
-from nextstep_core.quant import format_of
+from nextstep_core.weights.quant import format_of
 from parity_support import assert_tokens_close
 from test_quant import first_tokens
 
@@ -105,7 +105,7 @@ def test_backbone_int4_state_and_streaming(tiny_model):
     assert format_of(bb) == "int4" and isinstance(bb.layers[0].mlp.up_proj, Int4Linear)
     assert bb.layers[0].mlp.up_proj.weight.dtype == torch.uint8
     want = first_tokens(bb, tok, tiny_model)
-    from nextstep_core.offload import stream_layers
+    from nextstep_core.weights.streaming import stream_layers
     streamer = stream_layers(bb, gpu_layers=0)  # nothing resident: what ComfyUI's --novram gets
     try:
         assert streamer.plan.resident == 0 and streamer.plan.streamed == len(bb.layers)
@@ -121,7 +121,7 @@ def test_cli_quantize_int4_then_generate(tiny_model, tmp_path, capsys):
     out = folder / "tiny-int4.safetensors"
     assert cli_main(["quantize", "--model", str(folder), "--format", "int4", "--out", str(out)]) == 0
     assert "int4" in capsys.readouterr().err
-    from nextstep_core.quant_file import file_format
+    from nextstep_core.weights.quant_file import file_format
     assert file_format(str(out)) == "int4"
     bb, _ = load_backbone(str(out))
     assert format_of(bb) == "int4"

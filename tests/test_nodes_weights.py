@@ -8,7 +8,7 @@ from test_nodes import call, result_of, t2i_args
 @pytest.mark.parametrize("weights,cls", [("int8", "Int8Linear"), ("int4", "Int4Linear")])
 def test_quantized_backbone_loads_and_generates(pack, host, weights, cls):
     m = pack.NODE_CLASS_MAPPINGS
-    quant = pytest.importorskip(f"{pack.__name__}.nextstep_core.quant")
+    quant = pytest.importorskip(f"{pack.__name__}.nextstep_core.weights.quant")
     (bb,) = result_of(call(m["NextStepBackboneLoader"], model_name="NextStep-1-Large", dtype="auto", device="auto",
                            weights=weights))
     assert isinstance(bb.module.layers[0].mlp.down_proj, getattr(quant, cls))

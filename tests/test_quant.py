@@ -17,11 +17,11 @@ from nextstep_core.checkpoint import load_backbone, load_flow_head, load_vae, mo
 from nextstep_core.cli import main as cli_main
 from nextstep_core.engine import SamplingSettings
 from nextstep_core.errors import CheckpointError, SettingsError
-from nextstep_core.int4 import INT4_MATMUL_ENV, Int4Linear
+from nextstep_core.weights.int4 import INT4_MATMUL_ENV, Int4Linear
 from nextstep_core.pipeline import NextStepPipeline, Request
-from nextstep_core.quant import (FP8_MATMUL_ENV, LINEARS, Fp8Linear, Int8Linear, QuantLinear, format_of,
+from nextstep_core.weights.quant import (FP8_MATMUL_ENV, LINEARS, Fp8Linear, Int8Linear, QuantLinear, format_of,
                                  probe_fp8_matmul, quantize_backbone)
-from nextstep_core.quant_file import save_quantized
+from nextstep_core.weights.quant_file import save_quantized
 from nextstep_core.token_error import relative_error, teacher_forced
 from parity_support import assert_tokens_close
 
@@ -196,7 +196,7 @@ def test_a_prequantized_file_gives_the_tokens_of_load_time_quantization(fmt, tin
 
 
 def test_streamed_layers_carry_their_scales(tiny_model):
-    from nextstep_core.offload import stream_layers
+    from nextstep_core.weights.streaming import stream_layers
     bb, tok = load_backbone(tiny_model, quant="int8")
     want = first_tokens(bb, tok, tiny_model)
     streamer = stream_layers(bb, gpu_layers=1)

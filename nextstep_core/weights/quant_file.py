@@ -22,9 +22,9 @@ import tempfile
 
 import torch
 
-from .errors import CheckpointError, SettingsError
+from ..errors import CheckpointError, SettingsError
 from .quant import FORMATS, format_of, quantized_names
-from .weights import INDEX, WeightIndex, data_start, safetensors_header
+from .reading import INDEX, WeightIndex, data_start, safetensors_header
 
 META_FORMAT, META_CONFIG, META_VARIANT = "nextstep_quant", "nextstep_config", "nextstep_variant"
 DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8", torch.uint8: "U8",
@@ -120,7 +120,7 @@ def quantized_config(path: str) -> dict:
     folder = os.path.dirname(os.path.abspath(path))
     beside = os.path.join(folder, "config.json")
     if os.path.isfile(beside):
-        from .config import read_json
+        from ..config import read_json
         other = read_json(beside)
         if other.get("model_type") == "nextstep" or "image_placeholder_id" in other:
             for key in ARCH_KEYS:
@@ -155,8 +155,8 @@ def save_quantized(backbone, tokenizer_folder: str, out_path: str, *, lm_head: b
     if os.path.exists(out_path) and not force:
         raise SettingsError(f"{out_path} already exists; choose another name or allow overwriting "
                             "(--force). Nothing was written.")
-    from .checkpoint import model_variant
-    from .config import read_json
+    from ..checkpoint import model_variant
+    from ..config import read_json
     config = read_json(os.path.join(tokenizer_folder, "config.json"))
     source = WeightIndex(tokenizer_folder)
     memory = backbone.state_dict()

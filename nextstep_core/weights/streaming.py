@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from .backbone import Backbone
-from .memory import MemoryPlan
+from ..backbone import Backbone
+from ..memory import MemoryPlan
 
 ALIGN = 256  # bytes: every tensor view starts aligned as the CUDA allocator would align it
 
@@ -113,7 +113,7 @@ class LayerStreamer:
         self.index = {id(layer): i for i, layer in enumerate(self.streamed)}
         self.slot_bytes = 2 * self.span
         if plan is None:  # a fixed layer count asked for directly: the model's figures for a 512x512 image
-            from .memory import plan as make_plan
+            from ..memory import plan as make_plan
             from .quant import format_of
             plan = make_plan(backbone.cfg, format_of(backbone), backbone.dtype.itemsize, width=512, height=512,
                              gpu_layers=resident)
@@ -178,7 +178,7 @@ def stream_layers(backbone: Backbone, gpu_layers: int, device=None, plan: Memory
     the rest; with every layer resident, the backbone is just moved there (no streaming)."""
     n = len(backbone.layers)
     if gpu_layers < 0 or gpu_layers > n:
-        from .errors import SettingsError
+        from ..errors import SettingsError
         raise SettingsError(f"gpu_layers={gpu_layers}: use 0..{n} ({n} keeps the whole backbone on the GPU).")
     device = torch.device(device) if device is not None else backbone.device
     if backbone.streamer is not None:

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .devices import kernel_agrees
-from .errors import SettingsError
+from ..devices import kernel_agrees
+from ..errors import SettingsError
 
 FORMATS = ("int8", "fp8", "int4")  # int4: group-wise, in int4.py
 STORAGE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
@@ -44,7 +44,7 @@ def check_format(fmt) -> str:
 
 def check_device(fmt: str, device) -> None:
     if fmt == "fp8" and torch.device(device).type == "mps":
-        from .errors import DeviceError
+        from ..errors import DeviceError
         raise DeviceError("Apple MPS has no float8 tensors, so fp8 weights cannot be used there: choose int8.")
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .devices import kernel_agrees
+from ..devices import kernel_agrees
 
 GROUP = 128
 INT4_MATMUL_ENV = "NEXTSTEP_INT4_MATMUL"  # auto (default) | off (always dequantize)
@@ -40,7 +40,7 @@ def group_size(in_features: int) -> int:
     for g in (GROUP, 64, 32, 16):
         if in_features % g == 0:
             return g
-    from .errors import SettingsError
+    from ..errors import SettingsError
     raise SettingsError(f"int4 needs the input width to be a multiple of 16, and this layer has {in_features}: "
                         "use int8 for this model.")
 

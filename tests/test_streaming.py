@@ -3,7 +3,7 @@ import torch
 
 from nextstep_core.checkpoint import load_backbone
 from nextstep_core.engine import SamplingSettings
-from nextstep_core.offload import layer_bytes, stream_layers
+from nextstep_core.weights.streaming import layer_bytes, stream_layers
 from nextstep_core.pipeline import Request
 from parity_support import assert_tokens_close
 
@@ -71,10 +71,10 @@ def test_host_copy_is_one_exact_buffer_and_two_device_buffers_are_reused(tiny_mo
 
 def test_cli_low_vram_mode_loads_into_ram_and_moves_only_what_stays(tiny_model, tmp_path, monkeypatch, capsys):
     import nextstep_core.checkpoint as checkpoint
-    import nextstep_core.offload as offload
+    import nextstep_core.weights.streaming as streaming
     from nextstep_core.cli import main
     seen = {}
-    real_load, real_stream = checkpoint.load_backbone, offload.stream_layers
+    real_load, real_stream = checkpoint.load_backbone, streaming.stream_layers
 
     def load(folder, device="cpu", *a, **k):
         seen["load"] = str(device)
@@ -84,7 +84,7 @@ def test_cli_low_vram_mode_loads_into_ram_and_moves_only_what_stays(tiny_model, 
         seen["stream"] = (gpu_layers, str(device), plan.resident)
         return real_stream(backbone, gpu_layers, device, plan)
     monkeypatch.setattr(checkpoint, "load_backbone", load)
-    monkeypatch.setattr(offload, "stream_layers", stream)
+    monkeypatch.setattr(streaming, "stream_layers", stream)
     assert main(["generate", "--model", tiny_model, "--prompt", "x", "--width", "32", "--height", "32", "--steps", "2",
                  "--device", "cpu", "--gpu-layers", "1", "--out", str(tmp_path / "a.png")]) == 0
     assert seen == {"load": "cpu", "stream": (1, "cpu", 1)}

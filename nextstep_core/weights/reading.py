@@ -12,7 +12,7 @@ import struct
 
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 INDEX = "model.safetensors.index.json"
 
