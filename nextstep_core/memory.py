@@ -56,6 +56,12 @@ class MemoryPlan:
     def host_bytes(self) -> int:
         return self.streamed_bytes
 
+    @property
+    def weight_device_bytes(self) -> int:
+        """What stays on the device between runs: weights kept there and the prefetch buffers (the KV
+        cache and activations live only while a run does)."""
+        return self.fixed_weight_bytes + self.resident * self.layer_bytes + self.buffer_bytes
+
     def seconds_per_token(self, pcie_gbps: float = PCIE_GBPS) -> float:
         """The time streaming adds per token, when the copies are not hidden behind compute."""
         return self.streamed_bytes / (pcie_gbps * 1e9)
@@ -68,6 +74,17 @@ class MemoryPlan:
         return (f"{where}, {self.streamed_bytes / GiB:.2f} GiB streamed from CPU RAM per token (about "
                 f"{per * 1000:.0f} ms per token over PCIe, {per * tokens:.0f} s more for a {tokens}-token image); "
                 f"{self.device_bytes / GiB:.1f} GiB on the device, {self.host_bytes / GiB:.1f} GiB pinned in RAM")
+
+
+def within(p: MemoryPlan, weight_budget: float) -> MemoryPlan:
+    """`p` with no more resident layers than let its weights and buffers take `weight_budget` bytes
+    (a host's own allowance, e.g. ComfyUI's lowvram figure); never fewer than zero layers, since the
+    non-layer weights must be on the device whatever the budget (--novram)."""
+    if p.weight_device_bytes <= weight_budget:
+        return p
+    room = weight_budget - p.fixed_weight_bytes - 2 * p.layer_bytes
+    resident = max(0, min(p.resident, p.layers - 1, int(room // p.layer_bytes)))
+    return dataclasses.replace(p, resident=resident, buffer_bytes=2 * p.layer_bytes)
 
 
 def weight_bytes(cfg, fmt: Optional[str], dtype_bytes: int, lm_head: bool = False) -> tuple[int, int]:
@@ -132,7 +149,7 @@ def plan(cfg, fmt: Optional[str], dtype_bytes: int, *, width: int, height: int, 
             f"This run needs {none.device_bytes / GiB:.1f} GiB on the GPU even with every decoder layer streamed "
             f"from RAM ({fixed / GiB:.1f} GiB of other weights, {kv / GiB:.1f} GiB KV cache for {rows} rows x "
             f"{context_tokens + tokens} positions, {act / GiB:.1f} GiB activations, {2 * layer / GiB:.2f} GiB "
-            f"prefetch buffers), but only {free_bytes / GiB:.1f} GiB is free. Make the image smaller, the batch "
+            f"prefetch buffers, {SLACK / GiB:.2f} GiB margin), but only {free_bytes / GiB:.1f} GiB is free. Make the image smaller, the batch "
             f"smaller, or turn CFG off; or free the GPU of other models.")
     resident = min(n - 1, (free_bytes - none.device_bytes) // layer)
     return MemoryPlan(resident=int(resident), buffer_bytes=2 * layer, **base)

@@ -29,6 +29,11 @@ def model_management():
     return _module("comfy.model_management")
 
 
+def model_patcher_base():
+    """ComfyUI's ModelPatcher class, or None outside ComfyUI."""
+    return getattr(_module("comfy.model_patcher"), "ModelPatcher", None)
+
+
 def in_comfyui() -> bool:
     return model_management() is not None
 
@@ -88,59 +93,40 @@ def devices(choice: str) -> tuple[torch.device, torch.device]:
 class PartHolder(torch.nn.Module):
     """What ComfyUI's ModelPatcher manages. The patcher writes bookkeeping attributes (`device`,
     `model_lowvram`, ...) onto the module it holds; the engine's modules expose `device` as a
-    read-only property, so they sit one level down."""
+    read-only property, so they sit one level down, next to the placer that moves them."""
 
-    def __init__(self, part: torch.nn.Module, offload_device: torch.device):
+    def __init__(self, part: torch.nn.Module, offload_device: torch.device, placer):
         super().__init__()
         self.part = part
         self.device = offload_device
+        self.placer = placer
 
 
-def manage(part: torch.nn.Module, load_device: torch.device, offload_device: torch.device):
-    """-> a ModelPatcher for `part`, or None outside ComfyUI."""
-    patcher_mod = _module("comfy.model_patcher")
-    if patcher_mod is None:
+def manage(part: torch.nn.Module, load_device: torch.device, offload_device: torch.device, placer=None):
+    """-> a ModelPatcher for `part` (moved by `placer`, default: whole), or None outside ComfyUI."""
+    from .patcher import WholePlacer, patcher_class
+    cls = patcher_class()
+    if cls is None:
         return None
-    return patcher_mod.ModelPatcher(PartHolder(part, offload_device), load_device=load_device,
-                                    offload_device=offload_device)
+    placer = placer or WholePlacer(part, load_device, offload_device)
+    return cls(PartHolder(part, offload_device, placer), load_device=load_device, offload_device=offload_device)
 
 
-def resized(patcher) -> None:
-    """A part grew after loading (the LM head Self-CoT reads on first use): let ComfyUI recount
-    its size instead of keeping the one it measured first."""
-    if patcher is not None and hasattr(patcher, "size"):
-        patcher.size = 0
-
-
-def load_to_device(patchers: list, memory_required: int) -> list:
-    """Ask ComfyUI to make room (offloading other models) and move our parts onto their device.
-    Whole parts: the engine's layers are plain torch modules, which ComfyUI cannot stream. With
-    --novram ComfyUI loads nothing: the parts it left behind are moved here (the flow head and VAE
-    are small) and returned, for the caller to park again after the run."""
+def load_to_device(patchers: list, memory_required: int) -> None:
+    """One request to ComfyUI: make room (offloading other models, keeping `memory_required` free
+    for the run) and load our parts, each as its placer decides."""
     patchers = [p for p in patchers if p is not None]
     mm = model_management()
     if mm is None or not patchers:
-        return []
-    mm.load_models_gpu(patchers, memory_required=int(memory_required), force_full_load=True)
-    moved = []
+        return
+    mm.load_models_gpu(patchers, memory_required=int(memory_required))
     for p in patchers:
-        where = next(p.model.parameters()).device
+        where = next(p.model.part.parameters()).device
         if not same_device(where, torch.device(p.load_device)):
-            if vram_mode() != "no_vram":
-                from ..nextstep_core.errors import DeviceError
-                raise DeviceError(
-                    f"ComfyUI left a NextStep part on {where} instead of {p.load_device}. The flow head and VAE "
-                    "need to be whole on one device: free the GPU of other models, or set the three NextStep "
-                    "loaders' device to cpu.")
-            p.model.part.to(p.load_device)
-            moved.append(p)
-    return moved
-
-
-def park(patchers: list) -> None:
-    """Put parts this pack moved itself (not ComfyUI) back on their offload device."""
-    for p in patchers:
-        p.model.part.to(p.offload_device)
+            from ..nextstep_core.errors import DeviceError
+            raise DeviceError(
+                f"ComfyUI left a NextStep part on {where} instead of {p.load_device}: free the GPU of other "
+                "models, or set the three NextStep loaders' device to cpu.")
 
 
 def same_device(a: torch.device, b: torch.device) -> bool:
@@ -190,18 +176,14 @@ def streams_weights(device: torch.device) -> bool:
     return model_management() is not None and device.type == "cuda"
 
 
-def make_room(bytes_needed: int, device: torch.device, keep: list) -> int:
-    """Let ComfyUI offload other models until `bytes_needed` are free (keeping `keep` loaded), then
-    -> the bytes free for us: its own figure minus what it reserves (--reserve-vram)."""
+def room(device: torch.device, run_bytes: int) -> int:
+    """-> bytes our placed weights may hold on `device` plus `run_bytes`: what ComfyUI reports free,
+    less what it keeps free at every load (its inference minimum or the run's needs, whichever is
+    larger, plus --reserve-vram). Leaving that much means ComfyUI's next load request, ours included,
+    finds its room without unloading the backbone it has just placed."""
     mm = model_management()
-    mm.free_memory(int(bytes_needed), device, keep_loaded=[p for p in keep if p is not None])
-    return int(mm.get_free_memory(device)) - int(mm.extra_reserved_memory())
-
-
-def is_loaded(patcher) -> bool:
-    """Whether ComfyUI holds `patcher` loaded on its device now."""
-    mm = model_management()
-    return patcher is not None and any(p is patcher for p in mm.loaded_models())
+    keep = max(int(mm.minimum_inference_memory()), int(run_bytes) + int(mm.extra_reserved_memory()))
+    return int(mm.get_free_memory(device)) - keep + int(run_bytes)
 
 
 def show(text: str, node_id=None) -> None:

@@ -3,11 +3,13 @@
 Three loaders rather than one: the parts have very different sizes (14B / 157M / 84M), so a
 user can keep a different dtype per part, and one VAE serves every NextStep model.
 Weights are read onto the device ComfyUI parks models on; the generate nodes ask ComfyUI to
-move them to the GPU when they run, and ComfyUI moves them back when something else needs room.
+move them to the GPU when they run (the backbone whole, or partly streamed: placement.py), and
+ComfyUI moves them back when something else needs room.
 """
 from __future__ import annotations
 
 from . import bridge, model_folders
+from .placement import BackbonePlacer
 from .sockets import BACKBONE, FLOW_HEAD, VAE, LoadedPart
 from ..nextstep_core.checkpoint import load_backbone, load_flow_head, load_vae, model_variant
 from ..nextstep_core.devices import resolve_dtype
@@ -35,9 +37,9 @@ def _target(dtype: str, device: str):
     return load_dev, park_dev, resolve_dtype(dtype, load_dev)
 
 
-def _part(kind: str, name: str, path: str, module, load_dev, park_dev, **extra) -> LoadedPart:
+def _part(kind: str, name: str, path: str, module, load_dev, park_dev, placer=None, **extra) -> LoadedPart:
     return LoadedPart(kind=kind, module=module, name=name, path=path, load_device=load_dev,
-                      patcher=bridge.manage(module, load_dev, park_dev), **extra)
+                      patcher=bridge.manage(module, load_dev, park_dev, placer), **extra)
 
 
 class NextStepBackboneLoader:
@@ -79,8 +81,8 @@ class NextStepBackboneLoader:
         load_dev, park_dev, dt = _target(dtype, device)
         backbone, tokenizer = load_backbone(path, device=park_dev, dtype=dt,
                                             quant=None if weights == "full" else weights)
-        return (_part(BACKBONE, model_name, path, backbone, load_dev, park_dev, tokenizer=tokenizer,
-                      variant=model_variant(path)),)
+        return (_part(BACKBONE, model_name, path, backbone, load_dev, park_dev,
+                      BackbonePlacer(backbone, load_dev, park_dev), tokenizer=tokenizer, variant=model_variant(path)),)
 
 
 class NextStepFlowHeadLoader:

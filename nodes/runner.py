@@ -2,7 +2,6 @@
 make room and move them to the GPU, then sample with progress, Cancel and previews."""
 from __future__ import annotations
 
-from . import bridge
 from .placement import placed
 from .progress import TokenProgress
 from .remote import LOCAL_ONLY, is_remote
@@ -34,20 +33,6 @@ def check_parts(backbone, flow_head, vae) -> None:
                             "device on all three loaders.")
 
 
-def memory_required(backbone: LoadedPart, vae: LoadedPart, rows: int, out_tokens: int, in_tokens: int = 0) -> int:
-    """Bytes a run needs beside the weights: the KV cache of every CFG row, one layer's prefill
-    activations, and the VAE's full-resolution feature maps (ComfyUI adds its own reserve).
-    `in_tokens`: positions before the image beyond the prompt (edit image, reasoning)."""
-    c = backbone.module.cfg
-    width = backbone.module.dtype.itemsize
-    prompt = PROMPT_TOKENS + in_tokens
-    kv = 2 * c.num_layers * rows * c.num_kv_heads * c.head_dim * (prompt + out_tokens) * width
-    prefill = rows * prompt * (4 * c.hidden_size + 3 * c.intermediate_size) * width
-    pixels = out_tokens * 256
-    decode = 4 * pixels * vae.module.cfg.ch * vae.module.dtype.itemsize
-    return int(kv + prefill + decode)
-
-
 def run(backbone: LoadedPart, flow_head: LoadedPart, vae: LoadedPart, request: Request, *, width: int,
         height: int, node_id=None) -> Result:
     """`width`/`height`: the output size, known before the run (edits: the fitted input size,
@@ -65,9 +50,7 @@ def run(backbone: LoadedPart, flow_head: LoadedPart, vae: LoadedPart, request: R
     writes_text = think.mode != "off" and think.text is None
     if writes_text:
         attach_lm_head(bb)  # read now, so ComfyUI moves and counts it with the rest of the backbone
-        bridge.resized(backbone.patcher)
     extra = (tokens if editing else 0) + (think.max_tokens if writes_text else 0)
     pipeline = NextStepPipeline(bb, backbone.tokenizer, flow_head.module, vae.module)
-    with placed(backbone, flow_head, vae, rows, batch, tokens, PROMPT_TOKENS + extra,
-                memory_required(backbone, vae, rows, tokens, extra), node_id):
+    with placed(backbone, flow_head, vae, rows, batch, tokens, PROMPT_TOKENS + extra, node_id):
         return pipeline.run(request, callback=TokenProgress(vae.module, bb, grid, node_id))

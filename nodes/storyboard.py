@@ -110,8 +110,7 @@ def add_panel(state: StoryState, prompt: str, seed: int, node_id=None) -> tuple[
     grid = board.grid(state.width, state.height)
     tokens = grid[0] * grid[1]
     with placed(backbone, flow_head, vae, state.context.cfg_mult, 1, tokens,
-                runner.PROMPT_TOKENS + state.context.length,
-                runner.memory_required(backbone, vae, state.context.cfg_mult, tokens, state.context.length), node_id):
+                runner.PROMPT_TOKENS + state.context.length, node_id):
         panel = board.add_panel(state.context, prompt, width=state.width, height=state.height, seed=int(seed),
                                 sampling=state.sampling, positive=state.positive,
                                 callback=TokenProgress(vae.module, backbone.module, grid, node_id))

@@ -102,16 +102,43 @@ class Host:
         mm.get_torch_device = lambda: torch.device("cpu")
         mm.unet_offload_device = lambda: torch.device("cpu")
 
+        def device_free(device):
+            """Free memory as the card would report it: what was free with none of the pack's parts
+            placed, less what they hold now (the stand-in computes on the CPU, so it counts)."""
+            return host.free_bytes - sum(p.loaded_size() for p in host.loaded if p.load_device == device)
+
         def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
                             force_full_load=False):
+            """ComfyUI's order: free what the request needs (plus the run's memory and the reserve),
+            then load the models in reverse order, each with the lowvram room left."""
             host.load_calls.append((list(models), memory_required, force_full_load))
-            if mm.vram_state == mm.VRAMState.NO_VRAM:
-                return  # ComfyUI's --novram: plain torch modules stay where they are
-            for p in models:
-                p.model.to(p.load_device)
-                p.model.device = p.load_device
-                if not any(p is q for q in host.loaded):
-                    host.loaded.insert(0, p)
+            inference = mm.minimum_inference_memory()
+            extra = max(inference, memory_required + host.reserved_bytes)
+            minimum = extra if minimum_memory_required is None else max(
+                inference, minimum_memory_required + host.reserved_bytes)
+            order = list(reversed(list(dict.fromkeys(models))))
+            needed = {}
+            for m in order:
+                here = m.current_loaded_device() == m.load_device
+                needed[m.load_device] = needed.get(m.load_device, 0) + (
+                    m.model_size() - m.loaded_size() if here else m.model_size())
+            for dev, n in needed.items():
+                free_memory(n * 1.1 + extra, dev, keep_loaded=[])
+                if device_free(dev) < minimum:
+                    free_memory(minimum, dev, keep_loaded=[])
+            for m in order:
+                state = mm.vram_state
+                room = 0
+                if state in (mm.VRAMState.LOW_VRAM, mm.VRAMState.NORMAL_VRAM) and not force_full_load:
+                    loaded = m.loaded_size()
+                    free = device_free(m.load_device) + loaded
+                    room = max(0, free - minimum, min(free * 0.4, free - inference)) - loaded
+                    room = room or 0.1
+                if state == mm.VRAMState.NO_VRAM:
+                    room = 0.1
+                m.partially_load(m.load_device, room or 1e32)
+                if not any(p is m for p in host.loaded):
+                    host.loaded.insert(0, m)
 
         def throw_exception_if_processing_interrupted():
             if host.interrupted:
@@ -122,14 +149,26 @@ class Host:
         mm.vram_state = mm.VRAMState.NORMAL_VRAM  # tests set NO_VRAM / LOW_VRAM as the flags would
 
         def free_memory(memory_required, device, keep_loaded=[], **kw):
-            """Unloads every model not kept, as ComfyUI does when the room is needed."""
+            """Unloads models not kept, the least recently loaded first, while the room is short: whole,
+            or in part where the model can give back enough (it then stays listed)."""
             host.free_calls.append((memory_required, device, list(keep_loaded)))
-            for p in [p for p in host.loaded if not any(p is k for k in keep_loaded)]:
-                p.model.to(p.offload_device)
+            for p in reversed(list(host.loaded)):
+                short = memory_required - device_free(device)
+                if short <= 0 or any(p is k for k in keep_loaded) or p.load_device != device:
+                    continue
+                if short < p.loaded_size() and p.partially_unload(p.offload_device, short) >= short:
+                    continue
+                p.detach()
                 host.loaded.remove(p)
 
+        def unload_all_models():
+            """What --disable-smart-memory does after every prompt."""
+            free_memory(1e30, mm.get_torch_device())
+
+        mm.unload_all_models = unload_all_models
+        mm.minimum_inference_memory = lambda: (1 << 30) * 0.8 + host.reserved_bytes
         mm.free_memory = free_memory
-        mm.get_free_memory = lambda dev=None, torch_free_too=False: host.free_bytes
+        mm.get_free_memory = lambda dev=None, torch_free_too=False: device_free(torch.device(dev or "cpu"))
         mm.extra_reserved_memory = lambda: host.reserved_bytes
         mm.loaded_models = lambda only_currently_used=False: list(host.loaded)
         mm.load_models_gpu = load_models_gpu
@@ -139,6 +178,8 @@ class Host:
         patcher = types.ModuleType("comfy.model_patcher")
 
         class ModelPatcher:
+            """Whole-module moves only; the pack's subclass replaces every loading method."""
+
             def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
                 self.model, self.load_device, self.offload_device, self.size = model, load_device, offload_device, size
                 if getattr(self.model, "device", None) is None:
@@ -147,6 +188,30 @@ class Host:
                                     ("model_lowvram", False), ("current_weight_patches_uuid", None)):
                     if not hasattr(self.model, attr):
                         setattr(self.model, attr, value)
+
+            def model_size(self):
+                return self.size or sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+
+            def loaded_size(self):
+                return self.model.model_loaded_weight_memory
+
+            def current_loaded_device(self):
+                return self.model.device
+
+            def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+                self.model.to(device_to)
+                self.model.device = device_to
+                self.model.model_loaded_weight_memory = self.model_size()
+                return self.model_size()
+
+            def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
+                return 0
+
+            def detach(self, unpatch_all=True):
+                self.model.to(self.offload_device)
+                self.model.device = self.offload_device
+                self.model.model_loaded_weight_memory = 0
+                return self.model
 
         patcher.ModelPatcher = ModelPatcher
 

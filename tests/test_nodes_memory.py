@@ -5,10 +5,11 @@ figures only what cannot run.
 The stand-in computes on the CPU, where the pack never streams (the weights are in RAM already):
 these tests lift that one guard, `bridge.streams_weights`, so the accelerator path runs here."""
 import pytest
+import torch
 
 from host_stand_in import Host, host, models_dir, pack  # noqa: F401
 from parity_support import assert_images_close
-from test_nodes import call, load_parts, result_of, t2i_args
+from test_nodes import call, load_parts, result_of, t2i_args, widget_defaults
 
 
 @pytest.fixture
@@ -28,20 +29,38 @@ def deep_models(tmp_path_factory, pack):
     return base
 
 
-def needed(pack, parts, rows=2, tokens=4, layers=None):
-    """Device bytes the node's plan asks for with `layers` resident (None: all) at 32x32, cfg on."""
+def placed_bytes(pack, parts, layers=None, rows=2, tokens=4):
+    """What the backbone holds on the device with `layers` resident (None: all) for a 32x32 run, cfg on."""
     placement = pack.nodes.placement
-    bb, head, vae = parts
+    bb, _head, vae = parts
     n = len(bb.module.layers)
-    runner = pack.nodes.runner
-    return placement.backbone_plan(bb, vae, rows, 1, tokens, runner.PROMPT_TOKENS, None,
-                                   gpu_layers=n if layers is None else layers).device_bytes
+    shape = placement.RunShape(rows, 1, tokens, pack.nodes.runner.PROMPT_TOKENS, vae.module)
+    return placement.backbone_plan(bb.module, shape, None, gpu_layers=n if layers is None else layers).weight_device_bytes
 
 
-def run_t2i(pack, parts, **over):
+def card_for(pack, host, parts, layers, spare=1000):
+    """A free figure (nothing of ours placed) where exactly `layers` decoder layers fit: ComfyUI keeps
+    its inference minimum (0.8 GiB + the reserve) free at every load, after the flow head and VAE."""
+    mm = host.modules["comfy.model_management"]
+    small = parts[1].patcher.model_size() + parts[2].patcher.model_size()  # flow head and VAE, whole
+    return int(placed_bytes(pack, parts, layers) + small + mm.minimum_inference_memory()) + spare
+
+
+def run_t2i(pack, parts, seed=0, **over):
     m = pack.NODE_CLASS_MAPPINGS
-    out = call(m["NextStepTextToImage"], **t2i_args(pack, parts, width=32, height=32, unique_id="7", **over))
+    out = call(m["NextStepTextToImage"], **t2i_args(pack, parts, width=32, height=32, unique_id="7", seed=seed, **over))
     return result_of(out)[0]
+
+
+def counting_streamers(pack, monkeypatch):
+    made = []
+    real = pack.nodes.placement.stream_layers
+
+    def stream_layers(*a, **k):
+        made.append(real(*a, **k))
+        return made[-1]
+    monkeypatch.setattr(pack.nodes.placement, "stream_layers", stream_layers)
+    return made
 
 
 def test_free_memory_decides_the_resident_layers(accelerator, deep_models, monkeypatch):
@@ -50,18 +69,71 @@ def test_free_memory_decides_the_resident_layers(accelerator, deep_models, monke
     pack.nodes.bridge.register_model_folder()
     parts = load_parts(pack)
     bb = parts[0]
-    want = run_t2i(pack, parts)  # everything fits: the whole backbone is loaded through ComfyUI
+    want = run_t2i(pack, parts)  # everything fits: the whole backbone is placed
     assert "4/4 layers on the GPU, nothing streamed" in host.texts[-1][0]
-    assert host.loaded[0] is bb.patcher
-    host.free_bytes = needed(pack, parts, layers=1) + host.reserved_bytes + 1000  # one layer fits, not two
-    host.load_calls.clear()
+    assert bb.module.streamer is None and bb.patcher.loaded_size() == placed_bytes(pack, parts)
+    host.free_bytes = card_for(pack, host, parts, layers=1)  # now one layer fits, not two
     got = run_t2i(pack, parts)
     text, node = host.texts[-1]
     assert node == "7" and "1/4 layers on the GPU" in text and "streamed from CPU RAM per token" in text, text
-    assert host.free_calls[-1][2] == [parts[1].patcher, parts[2].patcher]  # ComfyUI offloads others, not these
-    assert [p for call_ in host.load_calls for p in call_[0]] == [parts[1].patcher, parts[2].patcher]
-    assert bb.module.streamer is None  # removed after the run
+    assert bb.module.streamer is not None and len(bb.module.streamer.streamed) == 3
+    assert bb.patcher.loaded_size() == placed_bytes(pack, parts, layers=1)
+    assert any(p is bb.patcher for p in host.loaded)  # ComfyUI holds it, to take back when it needs the room
     assert_images_close(got, want)
+
+
+def test_the_next_run_reuses_what_is_placed(accelerator, deep_models, monkeypatch):
+    pack = accelerator
+    host = Host(deep_models).install(monkeypatch)
+    pack.nodes.bridge.register_model_folder()
+    made = counting_streamers(pack, monkeypatch)
+    parts = load_parts(pack)
+    host.free_bytes = card_for(pack, host, parts, layers=1)
+    first = run_t2i(pack, parts, seed=3)
+    streamer = parts[0].module.streamer
+    host.free_calls.clear()
+    again = run_t2i(pack, parts, seed=3)
+    assert len(made) == 1 and parts[0].module.streamer is streamer  # nothing rebuilt, nothing moved
+    assert "1/4 layers on the GPU" in host.texts[-1][0]
+    assert parts[0].patcher.loaded_size() == placed_bytes(pack, parts, layers=1)
+    assert_images_close(again, first)
+
+
+def test_storyboard_panels_share_one_placement(accelerator, deep_models, monkeypatch):
+    pack = accelerator
+    host = Host(deep_models).install(monkeypatch)
+    pack.nodes.bridge.register_model_folder()
+    made = counting_streamers(pack, monkeypatch)
+    parts = load_parts(pack)
+    host.free_bytes = card_for(pack, host, parts, layers=1)  # the story's growing cache fits in ComfyUI's inference minimum
+    m = pack.NODE_CLASS_MAPPINGS
+    args = widget_defaults(m["NextStepStoryboard"])
+    args.update(dict(zip(("backbone", "flow_head", "vae"), parts)), width=32, height=32, steps=2,
+                panels="a girl finds a map\nshe walks into a forest\nshe finds a door", seed=5, unique_id="9")
+    images, story = result_of(call(m["NextStepStoryboard"], **args))
+    assert images.shape[0] == 3 and len(made) == 1, host.texts
+    assert len(host.texts) == 3 and all("1/4 layers on the GPU" in t for t, _n in host.texts), host.texts
+
+
+def test_comfyui_takes_the_memory_back_and_the_next_run_places_again(accelerator, deep_models, monkeypatch):
+    pack = accelerator
+    host = Host(deep_models).install(monkeypatch)
+    pack.nodes.bridge.register_model_folder()
+    mm = host.modules["comfy.model_management"]
+    parts = load_parts(pack)
+    bb = parts[0]
+    host.free_bytes = card_for(pack, host, parts, layers=1)
+    want = run_t2i(pack, parts)
+    layer0 = bb.module.layers[0].self_attn.o_proj.weight
+    mm.free_memory(host.free_bytes, mm.get_torch_device())  # another model needs the whole card
+    assert bb.module.streamer is None and bb.patcher.loaded_size() == 0
+    assert bb.patcher.model_size() == placed_bytes(pack, parts)  # the next load asks for room for all of it
+    assert torch.equal(bb.module.layers[0].self_attn.o_proj.weight, layer0)  # weights intact in RAM
+    got = run_t2i(pack, parts)
+    assert bb.module.streamer is not None and "1/4 layers on the GPU" in host.texts[-1][0]
+    assert_images_close(got, want)
+    mm.unload_all_models()  # --disable-smart-memory, after every prompt
+    assert bb.module.streamer is None and bb.patcher.loaded_size() == 0
 
 
 def test_novram_streams_every_layer(accelerator, host):
@@ -69,9 +141,11 @@ def test_novram_streams_every_layer(accelerator, host):
     parts = load_parts(pack)
     want = run_t2i(pack, parts)
     mm = host.modules["comfy.model_management"]
-    mm.vram_state = mm.VRAMState.NO_VRAM
+    mm.unload_all_models()
+    mm.vram_state = mm.VRAMState.NO_VRAM  # as if started with --novram
     got = run_t2i(pack, parts)
     assert "0/2 layers on the GPU" in host.texts[-1][0], host.texts[-1]
+    assert parts[0].module.streamer is not None and len(parts[0].module.streamer.streamed) == 2
     assert_images_close(got, want)
 
 
@@ -79,6 +153,6 @@ def test_too_little_memory_is_refused_with_the_figures(accelerator, host):
     from comfyui_nextstep_under_test.nextstep_core.errors import DeviceError
     pack = accelerator
     parts = load_parts(pack)
-    host.free_bytes = needed(pack, parts, layers=0) + host.reserved_bytes - (1 << 20)
+    host.free_bytes = card_for(pack, host, parts, layers=0, spare=-(1 << 20))
     with pytest.raises(DeviceError, match=r"even with every decoder layer streamed.*GiB is free"):
         run_t2i(pack, parts)
