@@ -77,3 +77,16 @@ def test_fixed_layer_counts_and_unknown_memory():
     assert cpu.streamed == 0 and cpu.free_bytes is None
     assert cpu.device_bytes == (cpu.fixed_weight_bytes + 48 * cpu.layer_bytes + cpu.kv_bytes
                                 + cpu.activation_bytes + SLACK)
+
+
+def test_a_hosts_weight_budget_caps_the_resident_layers():
+    from nextstep_core.memory import within
+    whole = decide("int8", 48)
+    assert within(whole, whole.weight_device_bytes) is whole  # room for it all: unchanged
+    room = whole.fixed_weight_bytes + 2 * whole.layer_bytes + 10 * whole.layer_bytes + 1
+    capped = within(whole, room)
+    assert capped.resident == 10 and capped.buffer_bytes == 2 * whole.layer_bytes
+    assert capped.weight_device_bytes <= room < capped.weight_device_bytes + whole.layer_bytes
+    assert capped.kv_bytes == whole.kv_bytes  # the run's own needs do not change
+    assert within(whole, 0.1).resident == 0  # --novram: ComfyUI grants nothing, every layer streams
+    assert within(decide("int8", 12), 0.1).resident == 0
