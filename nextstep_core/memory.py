@@ -146,10 +146,10 @@ def plan(cfg, fmt: Optional[str], dtype_bytes: int, *, width: int, height: int, 
     none = MemoryPlan(resident=0, buffer_bytes=2 * layer, **base)
     if none.device_bytes > free_bytes:
         raise DeviceError(
-            f"This run needs {none.device_bytes / GiB:.1f} GiB on the GPU even with every decoder layer streamed "
-            f"from RAM ({fixed / GiB:.1f} GiB of other weights, {kv / GiB:.1f} GiB KV cache for {rows} rows x "
-            f"{context_tokens + tokens} positions, {act / GiB:.1f} GiB activations, {2 * layer / GiB:.2f} GiB "
-            f"prefetch buffers, {SLACK / GiB:.2f} GiB margin), but only {free_bytes / GiB:.1f} GiB is free. Make the image smaller, the batch "
-            f"smaller, or turn CFG off; or free the GPU of other models.")
+            f"This run needs {none.device_bytes / GiB:.2f} GiB on the GPU even with every decoder layer streamed "
+            f"from RAM ({fixed / GiB:.2f} GiB of other weights, {kv / GiB:.2f} GiB KV cache for {rows} rows x "
+            f"{context_tokens + tokens} positions, {act / GiB:.2f} GiB activations, {2 * layer / GiB:.2f} GiB "
+            f"prefetch buffers, {SLACK / GiB:.2f} GiB margin), but only {free_bytes / GiB:.2f} GiB is free. Make "
+            f"the image smaller, the batch smaller, or turn CFG off; or free the GPU of other models.")
     resident = min(n - 1, (free_bytes - none.device_bytes) // layer)
     return MemoryPlan(resident=int(resident), buffer_bytes=2 * layer, **base)

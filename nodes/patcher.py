@@ -104,8 +104,11 @@ def _subclass(base):
                 self._note_device()
 
         def detach(self, unpatch_all=True):
-            self.model.placer.unload()
-            self._note_device()
+            """unpatch_all=False is ComfyUI forgetting its record of a model it is about to load again
+            (every load request does this to an already loaded model): the weights stay where they are."""
+            if unpatch_all:
+                self.model.placer.unload()
+                self._note_device()
             return self.model
 
         def _note_device(self) -> None:

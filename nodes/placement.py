@@ -83,6 +83,8 @@ class BackbonePlacer(WholePlacer):
             for name, child in self.part.named_children():
                 if name != "layers" or not chosen.streamed:
                     child.to(device)
+            if self.part.streamer is not None:
+                self.part.streamer.reset()  # the last run may have stopped inside the layers
         self.plan = chosen
         return chosen.weight_device_bytes - here
 

@@ -48,6 +48,7 @@ class Host:
         self.interrupted = False
         self.free_calls = []      # (bytes, device, keep_loaded) asked of free_memory
         self.loaded = []          # patchers load_models_gpu loaded, most recent first
+        self.seen = []            # every patcher ever asked to load (what holds device memory)
         self.free_bytes = 1 << 40  # what get_free_memory reports
         self.reserved_bytes = 400 << 20  # ComfyUI's default reserve (--reserve-vram changes it)
         self.texts = []           # (text, node_id) shown on nodes
@@ -104,19 +105,24 @@ class Host:
 
         def device_free(device):
             """Free memory as the card would report it: what was free with none of the pack's parts
-            placed, less what they hold now (the stand-in computes on the CPU, so it counts)."""
-            return host.free_bytes - sum(p.loaded_size() for p in host.loaded if p.load_device == device)
+            placed, less what they hold now, listed or not (the stand-in computes on the CPU, so it counts)."""
+            return host.free_bytes - sum(p.loaded_size() for p in host.seen if p.load_device == device)
 
         def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
                             force_full_load=False):
             """ComfyUI's order: free what the request needs (plus the run's memory and the reserve),
             then load the models in reverse order, each with the lowvram room left."""
             host.load_calls.append((list(models), memory_required, force_full_load))
+            host.seen.extend(m for m in models if not any(m is p for p in host.seen))
             inference = mm.minimum_inference_memory()
             extra = max(inference, memory_required + host.reserved_bytes)
             minimum = extra if minimum_memory_required is None else max(
                 inference, minimum_memory_required + host.reserved_bytes)
             order = list(reversed(list(dict.fromkeys(models))))
+            for m in order:  # ComfyUI drops its record of a model it loads again, keeping the weights
+                for p in [p for p in host.loaded if p.model is m.model]:
+                    p.detach(unpatch_all=False)
+                    host.loaded.remove(p)
             needed = {}
             for m in order:
                 here = m.current_loaded_device() == m.load_device

@@ -62,8 +62,8 @@ def test_more_rows_and_context_leave_fewer_layers():
 def test_refuses_only_what_cannot_run_fully_streamed():
     everything = decide("int4", 3.35)
     assert everything.resident == 0  # 3.35 GiB free: still runs, every layer streamed
-    with pytest.raises(DeviceError, match=r"needs \d+\.\d GiB on the GPU even with every decoder layer streamed.*"
-                                          r"only 2\.0 GiB is free"):
+    with pytest.raises(DeviceError, match=r"needs \d+\.\d\d GiB on the GPU even with every decoder layer streamed.*"
+                                          r"only 2\.00 GiB is free"):
         decide("int4", 2)
     with pytest.raises(DeviceError, match="KV cache"):
         decide("int4", 8, batch=16, context_tokens=20000)

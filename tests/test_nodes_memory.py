@@ -156,3 +156,28 @@ def test_too_little_memory_is_refused_with_the_figures(accelerator, host):
     host.free_bytes = card_for(pack, host, parts, layers=0, spare=-(1 << 20))
     with pytest.raises(DeviceError, match=r"even with every decoder layer streamed.*GiB is free"):
         run_t2i(pack, parts)
+
+
+def test_a_run_that_failed_mid_token_leaves_no_stale_prefetch(accelerator, deep_models, monkeypatch):
+    """The placement outlives a run, so a run stopped inside the layers (out of memory, a bad value)
+    must not leave a prefetched layer that the next run trusts after its buffer was reused."""
+    pack = accelerator
+    host = Host(deep_models).install(monkeypatch)
+    pack.nodes.bridge.register_model_folder()
+    parts = load_parts(pack)
+    host.free_bytes = card_for(pack, host, parts, layers=1)
+    want = run_t2i(pack, parts, seed=4)
+    streamer = parts[0].module.streamer
+    calls = {"n": 0}
+
+    def fail_once(layer, args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("stopped inside the layers")
+    handle = parts[0].module.layers[2].register_forward_pre_hook(fail_once)
+    with pytest.raises(RuntimeError, match="stopped inside the layers"):
+        run_t2i(pack, parts, seed=4)
+    handle.remove()
+    got = run_t2i(pack, parts, seed=4)
+    assert parts[0].module.streamer is streamer
+    assert_images_close(got, want)

@@ -156,6 +156,14 @@ class LayerStreamer:
             p.data = h  # back to the host copy; the slot is overwritten by a later fetch
         return output
 
+    def reset(self) -> None:
+        """Forget prefetched layers. Between tokens the next run's first streamed layer is the one
+        prefetched, but a run stopped inside the layers leaves a prefetch whose buffer the next
+        fetch may reuse; a placement kept for the next run starts from here."""
+        if self.stream is not None:
+            self.stream.synchronize()
+        self.ready.clear()
+
     def remove(self) -> None:
         """Remove the hooks. The streamed layers stay in CPU RAM (unregistered, still one buffer): moving
         them onto a card they did not fit on is the caller's decision (`backbone.to(...)`)."""
