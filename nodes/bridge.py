@@ -109,7 +109,20 @@ def manage(part: torch.nn.Module, load_device: torch.device, offload_device: tor
     if cls is None:
         return None
     placer = placer or WholePlacer(part, load_device, offload_device)
-    return cls(PartHolder(part, offload_device, placer), load_device=load_device, offload_device=offload_device)
+    return cls(_holder_class(part)(part, offload_device, placer), load_device=load_device,
+               offload_device=offload_device)
+
+
+_HOLDERS: dict = {}
+
+
+def _holder_class(part: torch.nn.Module) -> type:
+    """A PartHolder named for the part: ComfyUI logs "Requested to load <class name>" at every load,
+    and "NextStepBackbone" tells a user what is loading where "PartHolder" does not."""
+    name = "NextStep" + type(part).__name__.replace("NextStep", "")
+    if name not in _HOLDERS:
+        _HOLDERS[name] = type(name, (PartHolder,), {"__doc__": PartHolder.__doc__})
+    return _HOLDERS[name]
 
 
 def load_to_device(patchers: list, memory_required: int) -> None:

@@ -114,4 +114,8 @@ def placed(backbone, flow_head, vae, rows: int, batch: int, tokens: int, context
     chosen = getattr(placer, "plan", None)
     if chosen is not None:
         bridge.show(chosen.describe(tokens), node_id)
+    elif bridge.in_comfyui():
+        n = len(backbone.module.layers)
+        bridge.show(f"{n}/{n} layers on {backbone.load_device}, nothing streamed (streaming is for CUDA GPUs)",
+                    node_id)
     yield chosen

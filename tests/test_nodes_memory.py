@@ -181,3 +181,10 @@ def test_a_run_that_failed_mid_token_leaves_no_stale_prefetch(accelerator, deep_
     got = run_t2i(pack, parts, seed=4)
     assert parts[0].module.streamer is streamer
     assert_images_close(got, want)
+
+
+def test_cpu_runs_say_where_they_run_and_comfyui_logs_readable_names(pack, host):
+    parts = load_parts(pack)
+    run_t2i(pack, parts)
+    assert host.texts[-1] == ("2/2 layers on cpu, nothing streamed (streaming is for CUDA GPUs)", "7")
+    assert [type(p.patcher.model).__name__ for p in parts] == ["NextStepBackbone", "NextStepFlowHead", "NextStepVAE"]
