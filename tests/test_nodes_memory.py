@@ -63,6 +63,17 @@ def counting_streamers(pack, monkeypatch):
     return made
 
 
+def on_card(pack, deep_models, monkeypatch, layers=1):
+    """A stand-in host whose card fits `layers` decoder layers of the four-layer model, its parts
+    loaded, and the list of streamers the nodes build."""
+    host = Host(deep_models).install(monkeypatch)
+    pack.nodes.bridge.register_model_folder()
+    made = counting_streamers(pack, monkeypatch)
+    parts = load_parts(pack)
+    host.free_bytes = card_for(pack, host, parts, layers=layers)
+    return host, parts, made
+
+
 def test_free_memory_decides_the_resident_layers(accelerator, deep_models, monkeypatch):
     pack = accelerator
     host = Host(deep_models).install(monkeypatch)
@@ -84,11 +95,7 @@ def test_free_memory_decides_the_resident_layers(accelerator, deep_models, monke
 
 def test_the_next_run_reuses_what_is_placed(accelerator, deep_models, monkeypatch):
     pack = accelerator
-    host = Host(deep_models).install(monkeypatch)
-    pack.nodes.bridge.register_model_folder()
-    made = counting_streamers(pack, monkeypatch)
-    parts = load_parts(pack)
-    host.free_bytes = card_for(pack, host, parts, layers=1)
+    host, parts, made = on_card(pack, deep_models, monkeypatch)
     first = run_t2i(pack, parts, seed=3)
     streamer = parts[0].module.streamer
     host.free_calls.clear()
@@ -101,11 +108,7 @@ def test_the_next_run_reuses_what_is_placed(accelerator, deep_models, monkeypatc
 
 def test_storyboard_panels_share_one_placement(accelerator, deep_models, monkeypatch):
     pack = accelerator
-    host = Host(deep_models).install(monkeypatch)
-    pack.nodes.bridge.register_model_folder()
-    made = counting_streamers(pack, monkeypatch)
-    parts = load_parts(pack)
-    host.free_bytes = card_for(pack, host, parts, layers=1)  # the story's growing cache fits in ComfyUI's inference minimum
+    host, parts, made = on_card(pack, deep_models, monkeypatch)  # the story's growing cache fits in ComfyUI's minimum
     m = pack.NODE_CLASS_MAPPINGS
     args = widget_defaults(m["NextStepStoryboard"])
     args.update(dict(zip(("backbone", "flow_head", "vae"), parts)), width=32, height=32, steps=2,
@@ -117,12 +120,9 @@ def test_storyboard_panels_share_one_placement(accelerator, deep_models, monkeyp
 
 def test_comfyui_takes_the_memory_back_and_the_next_run_places_again(accelerator, deep_models, monkeypatch):
     pack = accelerator
-    host = Host(deep_models).install(monkeypatch)
-    pack.nodes.bridge.register_model_folder()
+    host, parts, _made = on_card(pack, deep_models, monkeypatch)
     mm = host.modules["comfy.model_management"]
-    parts = load_parts(pack)
     bb = parts[0]
-    host.free_bytes = card_for(pack, host, parts, layers=1)
     want = run_t2i(pack, parts)
     layer0 = bb.module.layers[0].self_attn.o_proj.weight
     mm.free_memory(host.free_bytes, mm.get_torch_device())  # another model needs the whole card
@@ -162,10 +162,7 @@ def test_a_run_that_failed_mid_token_leaves_no_stale_prefetch(accelerator, deep_
     """The placement outlives a run, so a run stopped inside the layers (out of memory, a bad value)
     must not leave a prefetched layer that the next run trusts after its buffer was reused."""
     pack = accelerator
-    host = Host(deep_models).install(monkeypatch)
-    pack.nodes.bridge.register_model_folder()
-    parts = load_parts(pack)
-    host.free_bytes = card_for(pack, host, parts, layers=1)
+    host, parts, _made = on_card(pack, deep_models, monkeypatch)
     want = run_t2i(pack, parts, seed=4)
     streamer = parts[0].module.streamer
     calls = {"n": 0}
