@@ -176,13 +176,6 @@ def progress_text(text: str, node_id=None) -> None:
         send(text, node_id)
 
 
-def vram_mode() -> str:
-    """ComfyUI's VRAM state by name: 'no_vram' (--novram), 'low_vram' (--lowvram), 'normal_vram', ...
-    ('normal_vram' outside ComfyUI)."""
-    state = getattr(model_management(), "vram_state", None)
-    return getattr(state, "name", "NORMAL_VRAM").lower()
-
-
 def streams_weights(device: torch.device) -> bool:
     """Whether streaming layers can help: onto a CUDA GPU only (a CPU run holds the weights in RAM
     already, and Apple's unified memory is that same RAM)."""

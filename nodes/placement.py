@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from . import bridge
-from .patcher import WholePlacer
+from .patcher import WholePlacer, on
 from ..nextstep_core.memory import MemoryPlan, SLACK, plan, within
 from ..nextstep_core.weights.quant import format_of
 from ..nextstep_core.weights.streaming import stream_layers
@@ -81,7 +81,7 @@ class BackbonePlacer(WholePlacer):
                 self.part.to(device)
         else:  # same layers as last run; parts read since (the LM head for Self-CoT) still have to go there
             for name, child in self.part.named_children():
-                if name != "layers" or not chosen.streamed:
+                if name != "layers" and not on(child, device):
                     child.to(device)
             if self.part.streamer is not None:
                 self.part.streamer.reset()  # the last run may have stopped inside the layers

@@ -175,6 +175,10 @@ def test_a_run_that_failed_mid_token_leaves_no_stale_prefetch(accelerator, deep_
     with pytest.raises(RuntimeError, match="stopped inside the layers"):
         run_t2i(pack, parts, seed=4)
     handle.remove()
+    stuck = parts[0].module.layers[2]
+    assert any(p.data_ptr() != h.data_ptr() for p, h in zip(stuck.parameters(), streamer.views[id(stuck)]))
+    streamer.reset()  # what the next run's placement does first
+    assert all(p.data_ptr() == h.data_ptr() for p, h in zip(stuck.parameters(), streamer.views[id(stuck)]))
     got = run_t2i(pack, parts, seed=4)
     assert parts[0].module.streamer is streamer
     assert_images_close(got, want)

@@ -157,12 +157,15 @@ class LayerStreamer:
         return output
 
     def reset(self) -> None:
-        """Forget prefetched layers. Between tokens the next run's first streamed layer is the one
-        prefetched, but a run stopped inside the layers leaves a prefetch whose buffer the next
-        fetch may reuse; a placement kept for the next run starts from here."""
+        """Back to the state between tokens, whatever the last forward did: a run stopped inside the
+        layers leaves a prefetch whose buffer the next fetch may reuse, and the layer it stopped in
+        still pointing at a buffer. A placement kept for the next run starts from here."""
         if self.stream is not None:
             self.stream.synchronize()
         self.ready.clear()
+        for layer in self.streamed:
+            for p, h in zip(layer.parameters(), self.views[id(layer)]):
+                p.data = h
 
     def remove(self) -> None:
         """Remove the hooks. The streamed layers stay in CPU RAM (unregistered, still one buffer): moving
@@ -171,11 +174,10 @@ class LayerStreamer:
             h.remove()
         self.handles.clear()
         if self.stream is not None:
-            self.stream.synchronize()
             torch.cuda.current_stream(self.device).synchronize()
+        self.reset()
         if self.pinned is not None:
             self.pinned.release()
-        self.ready.clear()
         self.slots = []
         self.backbone.streamer = None
 
