@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import BackboneConfig
+from .devices import RunsOn
 from .kv_cache import StaticKVCache
 
 
@@ -199,15 +200,22 @@ class DecoderLayer(nn.Module):
         return self.mlp.decode(x, F.rms_norm(x, x.shape[-1:], n2.weight, n2.eps), fused)
 
 
-class Backbone(nn.Module):
-    """State-dict names match the official checkpoints (no `model.` prefix)."""
+class Backbone(RunsOn, nn.Module):
+    """State-dict names match the official checkpoints (no `model.` prefix).
+
+    `ops` supplies Linear and Embedding (a host's own, such as ComfyUI's comfy.ops); its Linear is kept
+    so that the LM head, read later, is built the same way. `layer_runner`, when a host sets it, runs
+    the decoder layers: `layer_runner(layers, body)` must call `body(i, layer)` for each in order
+    (ComfyUI's prefetch queue uses it to fetch the next layer's weights while one computes)."""
 
     def __init__(self, cfg: BackboneConfig, with_lm_head: bool = False, ops=nn, placeholder_id: int = -1):
         super().__init__()
         self.cfg = cfg
         self.placeholder_id = placeholder_id
         self.source = ""  # the folder the weights came from, for reading the LM head later
-        self.streamer = None  # set by offload.stream_layers in low-VRAM mode
+        self.streamer = None  # set by weights.streaming.stream_layers when layers stream from RAM
+        self.linear_class = ops.Linear  # a class, not the module: the backbone stays deep-copyable
+        self.layer_runner = None
         self.embed_tokens = ops.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, ops) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -216,9 +224,15 @@ class Backbone(nn.Module):
         self.lm_head = ops.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if with_lm_head else None
         self._rope: Rope | None = None
 
-    @property
-    def device(self) -> torch.device:
+    def weights_device(self) -> torch.device:
         return self.embed_tokens.weight.device
+
+    def run_layers(self, body) -> None:
+        if self.layer_runner is None:
+            for i, layer in enumerate(self.layers):
+                body(i, layer)
+        else:
+            self.layer_runner(self.layers, body)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -299,8 +313,12 @@ class Backbone(nn.Module):
         cos, sin = rope.signed_slice(start, n) if fast else rope.slice(start, n)
         fused = self.streamer is None  # streamed layers get their weights swapped in per call
         x = embeds
-        for i, layer in enumerate(self.layers):
+
+        def body(i, layer):
+            nonlocal x
             x = layer(x, cos, sin, cache, i, start, mask, kv, fast, fused)
+
+        self.run_layers(body)
         cache.length = start + n
         if fast:
             return F.rms_norm(x, x.shape[-1:], self.norm.weight, self.norm.eps)
@@ -334,16 +352,20 @@ class Backbone(nn.Module):
         rope = self.rope_built(cache.max_len)
         cos = rope.cos.index_select(0, pos)[None, None]
         x = embeds
-        if fast:
-            sin = rope.sin_signed.index_select(0, pos)[None, None]
-            for i, layer in enumerate(self.layers):
+        sin = (rope.sin_signed if fast else rope.sin).index_select(0, pos)[None, None]
+
+        def body(i, layer):
+            nonlocal x
+            if fast:
                 x = layer.decode(x, cos, sin, cache, i, pos, mask, None, True)
+            else:
+                h = layer.input_layernorm(x)
+                x = x + layer.self_attn.forward_at(h, cos, sin, cache, i, pos, mask)
+                x = x + layer.mlp(layer.post_attention_layernorm(x))
+
+        self.run_layers(body)
+        if fast:
             return F.rms_norm(x, x.shape[-1:], self.norm.weight, self.norm.eps)
-        sin = rope.sin.index_select(0, pos)[None, None]
-        for i, layer in enumerate(self.layers):
-            h = layer.input_layernorm(x)
-            x = x + layer.self_attn.forward_at(h, cos, sin, cache, i, pos, mask)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

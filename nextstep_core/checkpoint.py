@@ -181,7 +181,7 @@ def attach_lm_head(model: Backbone) -> Backbone:
         return model
     cfg = model.cfg
     if cfg.tie_word_embeddings:
-        head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta")
+        head = model.linear_class(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta")
         head.weight = model.embed_tokens.weight
     else:
         index = WeightIndex(model.source)
@@ -190,8 +190,8 @@ def attach_lm_head(model: Backbone) -> Backbone:
                     "load the full model folder." if os.path.isfile(model.source) else "")
             raise CheckpointError(f"{model.source} has no lm_head weights, which Self-CoT needs.{hint}")
         with torch.device("meta"):
-            head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        index.load_into(head, "lm_head.", model.device, model.dtype)
+            head = model.linear_class(cfg.hidden_size, cfg.vocab_size, bias=False)
+        index.load_into(head, "lm_head.", model.weights_device(), model.dtype)
     model.lm_head = head.eval().requires_grad_(False)
     return model
 
@@ -248,7 +248,7 @@ def _vae_files(path: str):
     return (read_json(cfg_path) if os.path.isfile(cfg_path) else None), os.path.join(path, weights[0])
 
 
-def load_vae(path: str, device="cpu", dtype=torch.float32) -> NextStepVAE:
+def load_vae(path: str, device="cpu", dtype=torch.float32, ops=torch.nn) -> NextStepVAE:
     cfg_json, weights = _vae_files(path)
     if weights.endswith(".safetensors"):
         from safetensors.torch import load_file
@@ -276,7 +276,7 @@ def load_vae(path: str, device="cpu", dtype=torch.float32) -> NextStepVAE:
     if state["encoder.conv_out.weight"].shape[0] != 2 * cfg.z_channels:
         raise CheckpointError(f"{weights} has no config.json next to it and is not the standard NextStep VAE.")
     with torch.device("meta"):
-        vae = NextStepVAE(cfg)
+        vae = NextStepVAE(cfg, ops)
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     extra = sorted(set(state) - set(vae.state_dict()))
     if extra:

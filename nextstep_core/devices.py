@@ -59,3 +59,18 @@ def kernel_agrees(label: str, device, fast, reference: torch.Tensor, bound: floa
                       "will be dequantized per layer instead.")
         return False
     return True
+
+
+class RunsOn:
+    """Where a part computes, as a setting. By default that is where its weights are; a host that
+    pages weights in per layer (ComfyUI's dynamic VRAM keeps them in RAM until a layer runs) sets
+    `run_device`, and the engine puts its inputs, caches and RoPE tables there instead."""
+
+    run_device = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.run_device if self.run_device is not None else self.weights_device()
+
+    def weights_device(self) -> torch.device:
+        raise NotImplementedError

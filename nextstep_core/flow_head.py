@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import FlowHeadConfig
+from .devices import RunsOn
 
 
 def timestep_features(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
@@ -98,7 +99,7 @@ class Modulations:
     final: tuple
 
 
-class FlowHead(nn.Module):
+class FlowHead(RunsOn, nn.Module):
     """`image_head` of the checkpoint; all sampling logic lives in samplers.py."""
 
     def __init__(self, cfg: FlowHeadConfig, ops=nn):
@@ -110,8 +111,7 @@ class FlowHead(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.net.input_proj.weight.dtype
 
-    @property
-    def device(self) -> torch.device:
+    def weights_device(self) -> torch.device:
         return self.net.input_proj.weight.device
 
     def time_embeddings(self, t: torch.Tensor, rows: int) -> torch.Tensor:

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .devices import RunsOn
+
 
 @dataclass(frozen=True)
 class VAEConfig:
@@ -50,16 +52,16 @@ def swish(x):
     return x * torch.sigmoid(x)  # not F.silu: keeps the reference's rounding
 
 
-def group_norm(c):
-    return nn.GroupNorm(32, c, eps=1e-6, affine=True)
+def group_norm(c, ops=nn):
+    return ops.GroupNorm(32, c, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, cin, cout):
+    def __init__(self, cin, cout, ops=nn):
         super().__init__()
-        self.norm1, self.conv1 = group_norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2, self.conv2 = group_norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
-        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+        self.norm1, self.conv1 = group_norm(cin, ops), ops.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = group_norm(cout, ops), ops.Conv2d(cout, cout, 3, padding=1)
+        self.nin_shortcut = ops.Conv2d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x):
         h = self.conv2(swish(self.norm2(self.conv1(swish(self.norm1(x))))))
@@ -67,10 +69,10 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    def __init__(self, c):
+    def __init__(self, c, ops=nn):
         super().__init__()
-        self.norm = group_norm(c)
-        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
+        self.norm = group_norm(c, ops)
+        self.q, self.k, self.v, self.proj_out = (ops.Conv2d(c, c, 1) for _ in range(4))
 
     def forward(self, x):
         h = self.norm(x)
@@ -81,18 +83,18 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, c):
+    def __init__(self, c, ops=nn):
         super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, stride=2)
+        self.conv = ops.Conv2d(c, c, 3, stride=2)
 
     def forward(self, x):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
 class Upsample(nn.Module):
-    def __init__(self, c):
+    def __init__(self, c, ops=nn):
         super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.conv = ops.Conv2d(c, c, 3, padding=1)
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -107,29 +109,29 @@ def _level(blocks, sample=None):
     return m
 
 
-def _mid(c):
+def _mid(c, ops):
     m = nn.Module()
-    m.block_1, m.attn_1, m.block_2 = ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)
+    m.block_1, m.attn_1, m.block_2 = ResnetBlock(c, c, ops), AttnBlock(c, ops), ResnetBlock(c, c, ops)
     return m
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: VAEConfig):
+    def __init__(self, cfg: VAEConfig, ops=nn):
         super().__init__()
         ch, mult = cfg.ch, cfg.ch_mult
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        self.conv_in = ops.Conv2d(cfg.in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
         cin = ch
         for i, m in enumerate(mult):
             blocks = []
             for _ in range(cfg.num_res_blocks):
-                blocks.append(ResnetBlock(cin, ch * m))
+                blocks.append(ResnetBlock(cin, ch * m, ops))
                 cin = ch * m
             last = i == len(mult) - 1
-            self.down.append(_level(blocks, None if last else ("downsample", Downsample(cin))))
-        self.mid = _mid(cin)
-        self.norm_out = group_norm(cin)
-        self.conv_out = nn.Conv2d(cin, 2 * cfg.z_channels, 3, padding=1)
+            self.down.append(_level(blocks, None if last else ("downsample", Downsample(cin, ops))))
+        self.mid = _mid(cin, ops)
+        self.norm_out = group_norm(cin, ops)
+        self.conv_out = ops.Conv2d(cin, 2 * cfg.z_channels, 3, padding=1)
 
     def forward(self, x):
         h = self.conv_in(x)
@@ -145,22 +147,22 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """`up.{i}` is indexed by resolution level and runs from the highest i down to 0."""
 
-    def __init__(self, cfg: VAEConfig):
+    def __init__(self, cfg: VAEConfig, ops=nn):
         super().__init__()
         ch, mult = cfg.ch, cfg.ch_mult
         cin = ch * mult[-1]
-        self.conv_in = nn.Conv2d(cfg.z_channels, cin, 3, padding=1)
-        self.mid = _mid(cin)
+        self.conv_in = ops.Conv2d(cfg.z_channels, cin, 3, padding=1)
+        self.mid = _mid(cin, ops)
         levels = []
         for i in reversed(range(len(mult))):
             blocks = []
             for _ in range(cfg.num_res_blocks + 1):
-                blocks.append(ResnetBlock(cin, ch * mult[i]))
+                blocks.append(ResnetBlock(cin, ch * mult[i], ops))
                 cin = ch * mult[i]
-            levels.insert(0, _level(blocks, ("upsample", Upsample(cin)) if i != 0 else None))
+            levels.insert(0, _level(blocks, ("upsample", Upsample(cin, ops)) if i != 0 else None))
         self.up = nn.ModuleList(levels)
-        self.norm_out = group_norm(cin)
-        self.conv_out = nn.Conv2d(cin, cfg.out_ch, 3, padding=1)
+        self.norm_out = group_norm(cin, ops)
+        self.conv_out = ops.Conv2d(cin, cfg.out_ch, 3, padding=1)
 
     def forward(self, z):
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
@@ -172,19 +174,20 @@ class Decoder(nn.Module):
         return self.conv_out(swish(self.norm_out(h)))
 
 
-class NextStepVAE(nn.Module):
-    def __init__(self, cfg: VAEConfig):
+class NextStepVAE(RunsOn, nn.Module):
+    """`ops` supplies Conv2d and GroupNorm, so a host can substitute its own (ComfyUI's comfy.ops)."""
+
+    def __init__(self, cfg: VAEConfig, ops=nn):
         super().__init__()
         self.cfg = cfg
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
+        self.encoder = Encoder(cfg, ops)
+        self.decoder = Decoder(cfg, ops)
 
     @property
     def dtype(self):
         return self.encoder.conv_in.weight.dtype
 
-    @property
-    def device(self):
+    def weights_device(self):
         return self.encoder.conv_in.weight.device
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
