@@ -216,6 +216,7 @@ class Backbone(RunsOn, nn.Module):
         self.streamer = None  # set by weights.streaming.stream_layers when layers stream from RAM
         self.linear_class = ops.Linear  # a class, not the module: the backbone stays deep-copyable
         self.layer_runner = None
+        self.paged = False  # a host may move the weights between calls: no whole-step CUDA graph
         self.embed_tokens = ops.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, ops) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

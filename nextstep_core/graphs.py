@@ -123,8 +123,8 @@ def graphed_loop(loop, hidden, cache, cfg_mult: int, n_tokens: int):
     mode = loop.s.cuda_graphs
     if mode == "off" or n_tokens < 2:
         return None
-    if getattr(loop.bb, "streamer", None) is not None:
-        return None  # streamed layers swap weights in Python hooks: nothing fixed to capture
+    if getattr(loop.bb, "streamer", None) is not None or getattr(loop.bb, "paged", False):
+        return None  # weights streamed, or paged by a host, between calls: nothing fixed to capture
     if not capturable(hidden.device):
         if mode == "on":
             warnings.warn("cuda_graphs='on' needs a CUDA device; running eagerly.")

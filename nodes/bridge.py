@@ -29,9 +29,23 @@ def model_management():
     return _module("comfy.model_management")
 
 
-def model_patcher_base():
-    """ComfyUI's ModelPatcher class, or None outside ComfyUI."""
-    return getattr(_module("comfy.model_patcher"), "ModelPatcher", None)
+def core_patcher_class():
+    """The patcher core wraps its own models in: `CoreModelPatcher`, which main.py turns into
+    ModelPatcherDynamic when dynamic VRAM is on (read at call time for that reason); None outside
+    ComfyUI. Older versions without the alias get ModelPatcher."""
+    mp = _module("comfy.model_patcher")
+    if mp is None:
+        return None
+    return getattr(mp, "CoreModelPatcher", None) or getattr(mp, "ModelPatcher", None)
+
+
+def comfy_ops():
+    return _module("comfy.ops")
+
+
+def comfy_prefetch():
+    """Core's per-layer prefetch queue (comfy.model_prefetch), or None where this ComfyUI has none."""
+    return _module("comfy.model_prefetch")
 
 
 def in_comfyui() -> bool:
@@ -90,62 +104,6 @@ def devices(choice: str) -> tuple[torch.device, torch.device]:
     return torch.device(mm.get_torch_device()), torch.device(mm.unet_offload_device())
 
 
-class PartHolder(torch.nn.Module):
-    """What ComfyUI's ModelPatcher manages. The patcher writes bookkeeping attributes (`device`,
-    `model_lowvram`, ...) onto the module it holds; the engine's modules expose `device` as a
-    read-only property, so they sit one level down, next to the placer that moves them."""
-
-    def __init__(self, part: torch.nn.Module, offload_device: torch.device, placer):
-        super().__init__()
-        self.part = part
-        self.device = offload_device
-        self.placer = placer
-
-
-def manage(part: torch.nn.Module, load_device: torch.device, offload_device: torch.device, placer=None):
-    """-> a ModelPatcher for `part` (moved by `placer`, default: whole), or None outside ComfyUI."""
-    from .patcher import WholePlacer, patcher_class
-    cls = patcher_class()
-    if cls is None:
-        return None
-    placer = placer or WholePlacer(part, load_device, offload_device)
-    return cls(_holder_class(part)(part, offload_device, placer), load_device=load_device,
-               offload_device=offload_device)
-
-
-_HOLDERS: dict = {}
-
-
-def _holder_class(part: torch.nn.Module) -> type:
-    """A PartHolder named for the part: ComfyUI logs "Requested to load <class name>" at every load,
-    and "NextStepBackbone" tells a user what is loading where "PartHolder" does not."""
-    name = "NextStep" + type(part).__name__.replace("NextStep", "")
-    if name not in _HOLDERS:
-        _HOLDERS[name] = type(name, (PartHolder,), {"__doc__": PartHolder.__doc__})
-    return _HOLDERS[name]
-
-
-def load_to_device(patchers: list, memory_required: int) -> None:
-    """One request to ComfyUI: make room (offloading other models, keeping `memory_required` free
-    for the run) and load our parts, each as its placer decides."""
-    patchers = [p for p in patchers if p is not None]
-    mm = model_management()
-    if mm is None or not patchers:
-        return
-    mm.load_models_gpu(patchers, memory_required=int(memory_required))
-    for p in patchers:
-        where = next(p.model.part.parameters()).device
-        if not same_device(where, torch.device(p.load_device)):
-            from ..nextstep_core.errors import DeviceError
-            raise DeviceError(
-                f"ComfyUI left a NextStep part on {where} instead of {p.load_device}: free the GPU of other "
-                "models, or set the three NextStep loaders' device to cpu.")
-
-
-def same_device(a: torch.device, b: torch.device) -> bool:
-    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
-
-
 def interrupt_check():
     """-> a function that raises ComfyUI's interrupt exception once the user pressed Cancel (looked
     up once per run: it is called after every image token)."""
@@ -174,22 +132,6 @@ def progress_text(text: str, node_id=None) -> None:
     send = getattr(instance, "send_progress_text", None)
     if send is not None:
         send(text, node_id)
-
-
-def streams_weights(device: torch.device) -> bool:
-    """Whether streaming layers can help: onto a CUDA GPU only (a CPU run holds the weights in RAM
-    already, and Apple's unified memory is that same RAM)."""
-    return model_management() is not None and device.type == "cuda"
-
-
-def room(device: torch.device, run_bytes: int) -> int:
-    """-> bytes our placed weights may hold on `device` plus `run_bytes`: what ComfyUI reports free,
-    less what it keeps free at every load (its inference minimum or the run's needs, whichever is
-    larger, plus --reserve-vram). Leaving that much means ComfyUI's next load request, ours included,
-    finds its room without unloading the backbone it has just placed."""
-    mm = model_management()
-    keep = max(int(mm.minimum_inference_memory()), int(run_bytes) + int(mm.extra_reserved_memory()))
-    return int(mm.get_free_memory(device)) - keep + int(run_bytes)
 
 
 def show(text: str, node_id=None) -> None:

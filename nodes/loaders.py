@@ -2,14 +2,15 @@
 
 Three loaders rather than one: the parts have very different sizes (14B / 157M / 84M), so a
 user can keep a different dtype per part, and one VAE serves every NextStep model.
-Weights are read onto the device ComfyUI parks models on; the generate nodes ask ComfyUI to
-move them to the GPU when they run (the backbone whole, or partly streamed: placement.py), and
-ComfyUI moves them back when something else needs room.
+Each part is built from ComfyUI's own layer classes and held by its own patcher (core_memory.py),
+its weights read onto the device ComfyUI parks models on; the generate nodes ask ComfyUI to load
+them when they run, and ComfyUI pages, offloads and keeps them as it does its own models.
 """
 from __future__ import annotations
 
-from . import bridge, model_folders
-from .placement import BackbonePlacer
+import torch
+
+from . import bridge, core_memory, model_folders
 from .sockets import BACKBONE, FLOW_HEAD, VAE, LoadedPart
 from ..nextstep_core.checkpoint import load_backbone, load_flow_head, load_vae, model_variant
 from ..nextstep_core.devices import resolve_dtype
@@ -37,9 +38,9 @@ def _target(dtype: str, device: str):
     return load_dev, park_dev, resolve_dtype(dtype, load_dev)
 
 
-def _part(kind: str, name: str, path: str, module, load_dev, park_dev, placer=None, **extra) -> LoadedPart:
+def _part(kind: str, name: str, path: str, module, load_dev, park_dev, **extra) -> LoadedPart:
     return LoadedPart(kind=kind, module=module, name=name, path=path, load_device=load_dev,
-                      patcher=bridge.manage(module, load_dev, park_dev, placer), **extra)
+                      patcher=core_memory.manage(module, load_dev, park_dev), **extra)
 
 
 class NextStepBackboneLoader:
@@ -79,10 +80,11 @@ class NextStepBackboneLoader:
             raise SettingsError(f"weights={weights!r}; choose one of {', '.join(WEIGHTS)}.")
         path = model_folders.resolve_model(model_name)
         load_dev, park_dev, dt = _target(dtype, device)
-        backbone, tokenizer = load_backbone(path, device=park_dev, dtype=dt,
-                                            quant=None if weights == "full" else weights)
-        return (_part(BACKBONE, model_name, path, backbone, load_dev, park_dev,
-                      BackbonePlacer(backbone, load_dev, park_dev), tokenizer=tokenizer, variant=model_variant(path)),)
+        quant = None if weights == "full" else weights
+        ops = core_memory.operations(dt, load_dev) if quant is None else torch.nn
+        backbone, tokenizer = load_backbone(path, device=park_dev, dtype=dt, quant=quant, ops=ops)
+        return (_part(BACKBONE, model_name, path, backbone, load_dev, park_dev, tokenizer=tokenizer,
+                      variant=model_variant(path)),)
 
 
 class NextStepFlowHeadLoader:
@@ -110,8 +112,8 @@ class NextStepFlowHeadLoader:
     def load(self, model_name, dtype, device):
         path = model_folders.resolve_model(model_name)
         load_dev, park_dev, dt = _target(dtype, device)
-        return (_part(FLOW_HEAD, model_name, path, load_flow_head(path, device=park_dev, dtype=dt), load_dev,
-                      park_dev),)
+        head = load_flow_head(path, device=park_dev, dtype=dt, ops=core_memory.operations(dt, load_dev))
+        return (_part(FLOW_HEAD, model_name, path, head, load_dev, park_dev),)
 
 
 class NextStepVAELoader:
@@ -140,4 +142,5 @@ class NextStepVAELoader:
     def load(self, vae_name, dtype, device):
         path = model_folders.resolve_vae(vae_name)
         load_dev, park_dev, dt = _target(dtype, device)
-        return (_part(VAE, vae_name, path, load_vae(path, device=park_dev, dtype=dt), load_dev, park_dev),)
+        vae = load_vae(path, device=park_dev, dtype=dt, ops=core_memory.operations(dt, load_dev))
+        return (_part(VAE, vae_name, path, vae, load_dev, park_dev),)

@@ -2,7 +2,7 @@
 make room and move them to the GPU, then sample with progress, Cancel and previews."""
 from __future__ import annotations
 
-from .placement import placed
+from . import bridge, core_memory
 from .progress import TokenProgress
 from .remote import LOCAL_ONLY, is_remote
 from .sockets import BACKBONE, FLOW_HEAD, VAE, LoadedPart, label
@@ -48,9 +48,20 @@ def run(backbone: LoadedPart, flow_head: LoadedPart, vae: LoadedPart, request: R
     tokens = grid[0] * grid[1]
     think = request.reasoning
     writes_text = think.mode != "off" and think.text is None
-    if writes_text:
-        attach_lm_head(bb)  # read now, so ComfyUI moves and counts it with the rest of the backbone
+    if writes_text and bb.lm_head is None:
+        attach_lm_head(bb)  # read now (in RAM, built from core's layers), so core pages it with the rest
+        core_memory.refresh_size(backbone.patcher)
     extra = (tokens if editing else 0) + (think.max_tokens if writes_text else 0)
     pipeline = NextStepPipeline(bb, backbone.tokenizer, flow_head.module, vae.module)
-    with placed(backbone, flow_head, vae, rows, batch, tokens, PROMPT_TOKENS + extra, node_id):
-        return pipeline.run(request, callback=TokenProgress(vae.module, bb, grid, node_id))
+    load_parts(backbone, flow_head, vae, rows, batch, tokens, PROMPT_TOKENS + extra, node_id)
+    return pipeline.run(request, callback=TokenProgress(vae.module, bb, grid, node_id))
+
+
+def load_parts(backbone: LoadedPart, flow_head: LoadedPart, vae: LoadedPart, rows: int, batch: int, tokens: int,
+               context: int, node_id=None) -> None:
+    """Asks ComfyUI for the three parts for one run: `rows` CFG rows of `batch` images, `tokens` image
+    tokens each after `context` positions (prompt, edit image, reasoning, story so far)."""
+    need = core_memory.run_memory(backbone.module, vae.module, rows, batch, tokens, context)
+    core_memory.load_for_run([backbone.patcher, flow_head.patcher, vae.patcher], need, backbone.patcher)
+    if backbone.patcher is not None:
+        bridge.show(core_memory.describe(backbone.patcher, len(backbone.module.layers)), node_id)

@@ -15,7 +15,6 @@ from typing import Optional
 import torch
 
 from . import runner, settings
-from .placement import placed
 from .progress import TokenProgress
 from ..nextstep_core.engine import SamplingSettings
 from ..nextstep_core.errors import SettingsError
@@ -109,11 +108,11 @@ def add_panel(state: StoryState, prompt: str, seed: int, node_id=None) -> tuple[
     board = Storyboard(pipe)
     grid = board.grid(state.width, state.height)
     tokens = grid[0] * grid[1]
-    with placed(backbone, flow_head, vae, state.context.cfg_mult, 1, tokens,
-                runner.PROMPT_TOKENS + state.context.length, node_id):
-        panel = board.add_panel(state.context, prompt, width=state.width, height=state.height, seed=int(seed),
-                                sampling=state.sampling, positive=state.positive,
-                                callback=TokenProgress(vae.module, backbone.module, grid, node_id))
+    runner.load_parts(backbone, flow_head, vae, state.context.cfg_mult, 1, tokens,
+                      runner.PROMPT_TOKENS + state.context.length, node_id)
+    panel = board.add_panel(state.context, prompt, width=state.width, height=state.height, seed=int(seed),
+                            sampling=state.sampling, positive=state.positive,
+                            callback=TokenProgress(vae.module, backbone.module, grid, node_id))
     return panel.image, replace(state, context=panel.context.offloaded(), panels=state.panels + 1)
 
 

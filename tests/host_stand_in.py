@@ -1,5 +1,6 @@
 """A stand-in for the few ComfyUI modules the pack calls (folder_paths, comfy.model_management,
-comfy.model_patcher, comfy.utils, comfy.cli_args, server), written from their documented behaviour.
+comfy.model_patcher, comfy.ops, comfy.model_prefetch, comfy.utils, comfy.cli_args, server), written from
+their behaviour in ComfyUI 0.33.
 
 Installed into sys.modules for a test, it lets the nodes run their real ComfyUI code paths
 (folder registration, ModelPatcher wrapping, load_models_gpu, progress, previews, Cancel)
@@ -35,6 +36,183 @@ def load_pack():
     return module
 
 
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _own_tensors(module: torch.nn.Module) -> list:
+    return [t for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)) if t is not None]
+
+
+def _patchers(host) -> types.ModuleType:
+    """comfy.model_patcher: ModelPatcher (partial loads: comfy.ops layers that do not fit are cast per
+    call) and ModelPatcherDynamic (every comfy.ops layer paged per call, other modules moved whole,
+    paging units read from the model). The stand-in's GPU is the CPU, so moves are bookkeeping."""
+    mod = types.ModuleType("comfy.model_patcher")
+
+    class ModelPatcher:
+        def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
+            self.model, self.load_device, self.offload_device, self.size = model, load_device, offload_device, size
+            if getattr(self.model, "device", None) is None:
+                self.model.device = offload_device
+            for attr, value in (("model_loaded_weight_memory", 0), ("lowvram_patch_counter", 0),
+                                ("model_lowvram", False), ("current_weight_patches_uuid", None)):
+                if not hasattr(self.model, attr):
+                    setattr(self.model, attr, value)
+
+        def is_dynamic(self):
+            return False
+
+        def model_size(self):
+            """Measured once and kept, as core does."""
+            if self.size > 0:
+                return self.size
+            self.size = _bytes(self.model.state_dict().values())
+            return self.size
+
+        def loaded_size(self):
+            return self.model.model_loaded_weight_memory
+
+        def current_loaded_device(self):
+            return self.model.device
+
+        def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+            loaded, lowvram = 0, False
+            for m in self.model.modules():
+                size = _bytes(_own_tensors(m))
+                if not size:
+                    continue
+                if hasattr(m, "comfy_cast_weights"):
+                    fits = extra_memory >= 1e30 or loaded + size <= extra_memory
+                    m.comfy_cast_weights = not fits or getattr(type(m), "comfy_cast_weights", False)
+                    if not fits:
+                        lowvram = True
+                        continue
+                loaded += size
+            self.model.model_lowvram, self.model.model_loaded_weight_memory = lowvram, loaded
+            self.model.device = device_to
+            return loaded
+
+        def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
+            return 0
+
+        def detach(self, unpatch_all=True):
+            if unpatch_all:
+                self.model.device = self.offload_device
+                self.model.model_loaded_weight_memory = 0
+            return self.model
+
+    class ModelPatcherDynamic(ModelPatcher):
+        def is_dynamic(self):
+            return True
+
+        def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+            assert device_to == self.load_device
+            get_units = getattr(self.model, "get_dynamic_vram__units", None)
+            host.units[id(self)] = get_units() if get_units is not None else ([], [])
+            forced = 0
+            for m in self.model.modules():
+                if hasattr(m, "comfy_cast_weights"):
+                    m.comfy_cast_weights = True  # paged in when it runs
+                else:
+                    forced += _bytes(_own_tensors(m))
+            self.model.model_loaded_weight_memory = forced
+            self.model.device = device_to
+            return None
+
+    mod.ModelPatcher, mod.ModelPatcherDynamic = ModelPatcher, ModelPatcherDynamic
+    mod.CoreModelPatcher = ModelPatcherDynamic if host.dynamic else ModelPatcher
+    return mod
+
+
+def _ops(host) -> types.ModuleType:
+    """comfy.ops: layer classes that cast their weights to the input's device and dtype per call when
+    core says so (`comfy_cast_weights`), and pick_operations."""
+    import torch.nn.functional as F
+    mod = types.ModuleType("comfy.ops")
+
+    def cast(layer, x):
+        host.casts += 1
+        w = layer.weight.to(device=x.device, dtype=x.dtype)
+        b = None if layer.bias is None else layer.bias.to(device=x.device, dtype=x.dtype)
+        return w, b
+
+    class CastWeightBiasOp:
+        comfy_cast_weights = False
+
+        def reset_parameters(self):
+            return None
+
+    def make(cast_by_default: bool):
+        class Ops:
+            class Linear(CastWeightBiasOp, torch.nn.Linear):
+                comfy_cast_weights = cast_by_default
+
+                def forward(self, x):
+                    return F.linear(x, *cast(self, x)) if self.comfy_cast_weights else super().forward(x)
+
+            class Conv2d(CastWeightBiasOp, torch.nn.Conv2d):
+                comfy_cast_weights = cast_by_default
+
+                def forward(self, x):
+                    return self._conv_forward(x, *cast(self, x)) if self.comfy_cast_weights else super().forward(x)
+
+            class GroupNorm(CastWeightBiasOp, torch.nn.GroupNorm):
+                comfy_cast_weights = cast_by_default
+
+                def forward(self, x):
+                    if not self.comfy_cast_weights:
+                        return super().forward(x)
+                    return F.group_norm(x, self.num_groups, *cast(self, x), self.eps)
+
+            class Embedding(CastWeightBiasOp, torch.nn.Embedding):
+                comfy_cast_weights = cast_by_default
+
+                def forward(self, ids):
+                    if not self.comfy_cast_weights:
+                        return super().forward(ids)
+                    host.casts += 1
+                    return F.embedding(ids, self.weight.to(ids.device))
+        return Ops
+
+    mod.disable_weight_init, mod.manual_cast = make(False), make(True)
+
+    def pick_operations(weight_dtype, compute_dtype, load_device=None, disable_fast_fp8=False,
+                        fp8_optimizations=False, model_config=None):
+        if model_config is not None and getattr(model_config, "quant_config", None):
+            raise NotImplementedError("mixed-precision ops are not part of this stand-in")
+        return mod.disable_weight_init if compute_dtype is None or weight_dtype == compute_dtype else mod.manual_cast
+
+    mod.pick_operations = pick_operations
+    return mod
+
+
+def _prefetch(host) -> types.ModuleType:
+    """comfy.model_prefetch: a queue only under dynamic VRAM; each pop fetches the module whose turn
+    it is (recorded), then runs its body."""
+    mod = types.ModuleType("comfy.model_prefetch")
+
+    def make_prefetch_queue(queue, device, transformer_options):
+        if not transformer_options.get("prefetch_dynamic_vbars", False):
+            return None
+        return [None] + list(queue) + [None]
+
+    def prefetch_queue_pop(queue, device, module, dtype=None, core=None, enable_graph=False, generator=None):
+        if queue is None:
+            if core is not None:
+                core()
+            return
+        queue.pop(0)
+        if queue[0] is not None:
+            assert queue[0] is module, "the queue runs the modules in the order it was given"
+            host.prefetched.append(queue[0])
+        if core is not None:
+            core()
+
+    mod.make_prefetch_queue, mod.prefetch_queue_pop = make_prefetch_queue, prefetch_queue_pop
+    return mod
+
+
 class Interrupted(BaseException):
     """Like ComfyUI's InterruptProcessingException (a BaseException since 0.3.6x)."""
 
@@ -46,7 +224,13 @@ class Host:
         self.progress = []        # (value, total, preview, node_id)
         self.on_progress = None   # called with (value, total) after each progress update
         self.interrupted = False
-        self.free_calls = []      # (bytes, device, keep_loaded) asked of free_memory
+        self.free_calls = []      # (bytes, device, keep_loaded, for_dynamic, pins_required) asked of free_memory
+        self.unloaded = []        # patchers free_memory unloaded whole
+        self.pins_reserved = 0    # pinned RAM reserved for non-dynamic models
+        self.dynamic = True       # CoreModelPatcher is ModelPatcherDynamic (dynamic VRAM on)
+        self.casts = 0            # weights comfy.ops layers cast per call
+        self.prefetched = []      # modules core's prefetch queue fetched, in order
+        self.units = {}           # id(patcher) -> what get_dynamic_vram__units() gave
         self.loaded = []          # patchers load_models_gpu loaded, most recent first
         self.seen = []            # every patcher ever asked to load (what holds device memory)
         self.free_bytes = 1 << 40  # what get_free_memory reports
@@ -110,8 +294,9 @@ class Host:
 
         def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
                             force_full_load=False):
-            """ComfyUI's order: free what the request needs (plus the run's memory and the reserve),
-            then load the models in reverse order, each with the lowvram room left."""
+            """ComfyUI 0.33's order: a request holding any non-dynamic model frees memory with
+            for_dynamic=False (other dynamic models are unloaded instead of paged) and reserves pinned
+            RAM for the non-dynamic models' whole size; then each model loads with the lowvram room left."""
             host.load_calls.append((list(models), memory_required, force_full_load))
             host.seen.extend(m for m in models if not any(m is p for p in host.seen))
             inference = mm.minimum_inference_memory()
@@ -119,19 +304,20 @@ class Host:
             minimum = extra if minimum_memory_required is None else max(
                 inference, minimum_memory_required + host.reserved_bytes)
             order = list(reversed(list(dict.fromkeys(models))))
+            for_dynamic = all(m.is_dynamic() for m in order)
             for m in order:  # ComfyUI drops its record of a model it loads again, keeping the weights
                 for p in [p for p in host.loaded if p.model is m.model]:
                     p.detach(unpatch_all=False)
                     host.loaded.remove(p)
-            needed = {}
+            needed, pins = {}, {}
             for m in order:
-                here = m.current_loaded_device() == m.load_device
-                needed[m.load_device] = needed.get(m.load_device, 0) + (
-                    m.model_size() - m.loaded_size() if here else m.model_size())
+                needed[m.load_device] = needed.get(m.load_device, 0) + m.model_size() - m.loaded_size()
+                if not m.is_dynamic():
+                    pins[m.load_device] = pins.get(m.load_device, 0) + m.model_size()
             for dev, n in needed.items():
-                free_memory(n * 1.1 + extra, dev, keep_loaded=[])
+                free_memory(n * 1.1 + extra, dev, for_dynamic=for_dynamic, pins_required=pins.get(dev, 0))
                 if device_free(dev) < minimum:
-                    free_memory(minimum, dev, keep_loaded=[])
+                    free_memory(minimum, dev, for_dynamic=for_dynamic)
             for m in order:
                 state = mm.vram_state
                 room = 0
@@ -154,16 +340,26 @@ class Host:
         mm.VRAMState = enum.Enum("VRAMState", "DISABLED NO_VRAM LOW_VRAM NORMAL_VRAM HIGH_VRAM SHARED", start=0)
         mm.vram_state = mm.VRAMState.NORMAL_VRAM  # tests set NO_VRAM / LOW_VRAM as the flags would
 
-        def free_memory(memory_required, device, keep_loaded=[], **kw):
-            """Unloads models not kept, the least recently loaded first, while the room is short: whole,
-            or in part where the model can give back enough (it then stays listed)."""
-            host.free_calls.append((memory_required, device, list(keep_loaded)))
+        def free_memory(memory_required, device, keep_loaded=[], for_dynamic=True, pins_required=0, **kw):
+            """Unloads models not kept, the least recently loaded first, while the room is short. With
+            for_dynamic=False (a non-dynamic model in the request) a dynamic model is unloaded whole
+            instead of giving back pages, and the pin budget is taken for `pins_required`."""
+            host.free_calls.append((memory_required, device, list(keep_loaded), for_dynamic, pins_required))
+            host.pins_reserved += pins_required
             for p in reversed(list(host.loaded)):
+                if any(p is k for k in keep_loaded) or p.load_device != device:
+                    continue
+                if p.is_dynamic() and not for_dynamic:
+                    host.unloaded.append(p)
+                    p.detach()
+                    host.loaded.remove(p)
+                    continue
                 short = memory_required - device_free(device)
-                if short <= 0 or any(p is k for k in keep_loaded) or p.load_device != device:
+                if short <= 0:
                     continue
                 if short < p.loaded_size() and p.partially_unload(p.offload_device, short) >= short:
                     continue
+                host.unloaded.append(p)
                 p.detach()
                 host.loaded.remove(p)
 
@@ -181,45 +377,7 @@ class Host:
         mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
         mm.processing_interrupted = lambda: host.interrupted
 
-        patcher = types.ModuleType("comfy.model_patcher")
-
-        class ModelPatcher:
-            """Whole-module moves only; the pack's subclass replaces every loading method."""
-
-            def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
-                self.model, self.load_device, self.offload_device, self.size = model, load_device, offload_device, size
-                if getattr(self.model, "device", None) is None:
-                    self.model.device = offload_device
-                for attr, value in (("model_loaded_weight_memory", 0), ("lowvram_patch_counter", 0),
-                                    ("model_lowvram", False), ("current_weight_patches_uuid", None)):
-                    if not hasattr(self.model, attr):
-                        setattr(self.model, attr, value)
-
-            def model_size(self):
-                return self.size or sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
-
-            def loaded_size(self):
-                return self.model.model_loaded_weight_memory
-
-            def current_loaded_device(self):
-                return self.model.device
-
-            def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
-                self.model.to(device_to)
-                self.model.device = device_to
-                self.model.model_loaded_weight_memory = self.model_size()
-                return self.model_size()
-
-            def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
-                return 0
-
-            def detach(self, unpatch_all=True):
-                self.model.to(self.offload_device)
-                self.model.device = self.offload_device
-                self.model.model_loaded_weight_memory = 0
-                return self.model
-
-        patcher.ModelPatcher = ModelPatcher
+        patcher, ops, prefetch = _patchers(host), _ops(host), _prefetch(host)
 
         utils = types.ModuleType("comfy.utils")
 
@@ -254,8 +412,17 @@ class Host:
         comfy = types.ModuleType("comfy")
         comfy.__path__ = []
         comfy.model_management, comfy.model_patcher, comfy.utils, comfy.cli_args = mm, patcher, utils, cli_args
+        comfy.ops, comfy.model_prefetch = ops, prefetch
         return {"folder_paths": fp, "comfy": comfy, "comfy.model_management": mm, "comfy.model_patcher": patcher,
+                "comfy.ops": ops, "comfy.model_prefetch": prefetch,
                 "comfy.utils": utils, "comfy.cli_args": cli_args, "server": server}
+
+    def use_dynamic(self, on: bool) -> "Host":
+        """Dynamic VRAM on (the default on NVIDIA/AMD) or off (--disable-dynamic-vram, --novram, CPU)."""
+        self.dynamic = on
+        mp = self.modules["comfy.model_patcher"]
+        mp.CoreModelPatcher = mp.ModelPatcherDynamic if on else mp.ModelPatcher
+        return self
 
     def install(self, monkeypatch) -> "Host":
         for name, module in self.modules.items():
