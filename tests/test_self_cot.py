@@ -1,4 +1,6 @@
 """Self-CoT: the model reasons in a thinking span before it draws."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -125,3 +127,9 @@ def test_reasoning_reports_each_text_token_and_can_be_cancelled(tiny_pipeline):
     finally:
         bb.lm_head = old
     assert seen == [(1, 5), (2, 5)]
+
+
+def test_an_empty_negative_prompt_with_reasoning(tiny_pipeline):
+    """Nothing to prefill on the unconditional rows (an empty negative prompt) is not an error."""
+    r = replace(req(ReasoningSettings(mode="think", max_tokens=4)), negative="")
+    assert tiny_pipeline.run(r).images.shape == (1, 32, 32, 3)
