@@ -1,6 +1,7 @@
 """The README's memory table, from the memory model (nextstep_core/memory.py): per card size and
-weight format, what stays on the GPU, what streams per token, and an estimate of the time per
-512x512 image (cfg 7.5, 28 steps) from the bytes each token reads.
+weight format, what stays on the GPU, what is paged in from RAM per token (by ComfyUI's dynamic
+VRAM or partial loads inside ComfyUI, by the engine's streamer from the command line), and an
+estimate of the time per 512x512 image (cfg 7.5, 28 steps) from the bytes each token reads.
 
     python bench/memory_table.py          # prints the table; tests/test_memory_table.py keeps README in sync
 
@@ -36,7 +37,7 @@ def estimate_s(p, bandwidth_gbps: float, tokens: int = 1024) -> float:
 
 
 def table() -> str:
-    lines = ["| card | weights | decoder layers on the GPU | streamed per token | est. s per 512x512 image |",
+    lines = ["| card | weights | decoder layers kept on the GPU | paged in per token | est. s per 512x512 image |",
              "|---|---|---|---|---|"]
     for gb, card, bw in CARDS:
         for name, fmt in FORMATS:
