@@ -177,11 +177,53 @@ def _ops(host) -> types.ModuleType:
 
     mod.disable_weight_init, mod.manual_cast = make(False), make(True)
 
+    def mixed_precision_ops(quant_config={}, compute_dtype=torch.bfloat16, full_precision_mm=False, disabled=()):
+        """Linear layers that take a `comfy_quant` entry from the state dict (as core's do): the
+        weight stays quantized (`host.quantized` counts them) and is dequantized per call."""
+        import json
+
+        class MixedPrecisionOps(mod.manual_cast):
+            class Linear(torch.nn.Module, CastWeightBiasOp):
+                def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
+                    super().__init__()
+                    self.in_features, self.out_features = in_features, out_features
+                    self.quant_format = None
+                    self.bias = torch.nn.Parameter(torch.empty(out_features, dtype=compute_dtype)) if bias else None
+
+                def _load_from_state_dict(self, state, prefix, local_metadata, strict, missing, unexpected, errors):
+                    weight = state.pop(prefix + "weight")
+                    conf = state.pop(prefix + "comfy_quant", None)
+                    if conf is None:
+                        self.weight = torch.nn.Parameter(weight.to(compute_dtype), requires_grad=False)
+                    else:
+                        self.quant_format = json.loads(conf.numpy().tobytes())["format"]
+                        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+                        self.weight_scale = state.pop(prefix + "weight_scale")
+                        host.quantized += 1
+                    super()._load_from_state_dict(state, prefix, local_metadata, strict, missing, unexpected, errors)
+                    for key in (prefix + "weight", prefix + "weight_scale", prefix + "comfy_quant"):
+                        if key in missing:
+                            missing.remove(key)
+
+                def forward(self, x):
+                    w = self.weight
+                    if self.quant_format is not None:
+                        scale = self.weight_scale.to(torch.float32)
+                        w = w.to(torch.float32) * (scale.reshape(-1, 1) if scale.numel() > 1 else scale)
+                    if self.comfy_cast_weights:
+                        host.casts += 1
+                    b = None if self.bias is None else self.bias.to(x.dtype)
+                    return F.linear(x, w.to(device=x.device, dtype=x.dtype), b)
+
+        return MixedPrecisionOps
+
     def pick_operations(weight_dtype, compute_dtype, load_device=None, disable_fast_fp8=False,
                         fp8_optimizations=False, model_config=None):
         if model_config is not None and getattr(model_config, "quant_config", None):
-            raise NotImplementedError("mixed-precision ops are not part of this stand-in")
+            return mixed_precision_ops(model_config.quant_config, compute_dtype)
         return mod.disable_weight_init if compute_dtype is None or weight_dtype == compute_dtype else mod.manual_cast
+
+    mod.mixed_precision_ops = mixed_precision_ops
 
     mod.pick_operations = pick_operations
     return mod
@@ -229,6 +271,7 @@ class Host:
         self.pins_reserved = 0    # pinned RAM reserved for non-dynamic models
         self.dynamic = True       # CoreModelPatcher is ModelPatcherDynamic (dynamic VRAM on)
         self.casts = 0            # weights comfy.ops layers cast per call
+        self.quantized = 0        # layers mixed-precision ops loaded quantized
         self.prefetched = []      # modules core's prefetch queue fetched, in order
         self.units = {}           # id(patcher) -> what get_dynamic_vram__units() gave
         self.loaded = []          # patchers load_models_gpu loaded, most recent first
