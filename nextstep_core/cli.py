@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 
+from .atomic_write import atomic_file
 from .errors import NextStepError
 from .presets import preset
 from .progress_line import ProgressLine
@@ -131,19 +131,17 @@ def resolve_model(name: str) -> str:
 
 
 def _save_png(img, path: str) -> None:
-    """Write next to the target and rename, so a failure never leaves half a file."""
     from PIL import Image
     arr = (img.clamp(0, 1) * 255).round().byte().numpy()
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         Image.fromarray(arr).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+
+
+def _save_tokens(path: str, tokens, images) -> None:
+    """--tokens-out: `tokens` [batch, h*w, 64] and `images` [batch, H, W, 3], float32."""
+    from safetensors.torch import save_file
+    with atomic_file(path) as tmp:
+        save_file({"tokens": tokens.float().contiguous(), "images": images.float().contiguous()}, tmp)
 
 
 def output_paths(out: str, n: int) -> list[str]:
@@ -222,12 +220,7 @@ def run_generation(args) -> int:
     for img, path in zip(result.images, paths):
         _save_png(img, path)
     if args.tokens_out:
-        from safetensors.torch import save_file
-        folder = os.path.dirname(os.path.abspath(args.tokens_out))
-        fd, tmp = tempfile.mkstemp(suffix=".safetensors", dir=folder)
-        os.close(fd)
-        save_file({"tokens": result.tokens.float().contiguous(), "images": result.images.float().contiguous()}, tmp)
-        os.replace(tmp, args.tokens_out)
+        _save_tokens(args.tokens_out, result.tokens, result.images)
     if not args.quiet and any(result.reasoning):
         for i, text in enumerate(result.reasoning):
             print(f"reasoning[{i}]: {text}", file=sys.stderr)
@@ -276,9 +269,7 @@ def _storyboard(args, pipe, req, settings, variant, t1) -> int:
     for img, path in zip(images, paths):
         _save_png(img, path)
     if args.tokens_out:
-        from safetensors.torch import save_file
-        save_file({"tokens": torch.cat([p.tokens for p in panels]).float().contiguous(),
-                   "images": images.float().contiguous()}, args.tokens_out)
+        _save_tokens(args.tokens_out, torch.cat([p.tokens for p in panels]), images)
     if not args.quiet:
         print(f"{variant}: {len(panels)} panels, story of {panels[-1].context.length} tokens in "
               f"{time.perf_counter() - t1:.1f}s -> {', '.join(paths)}", file=sys.stderr)

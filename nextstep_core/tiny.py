@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import torch
 
+from .atomic_write import atomic_folder
 from .backbone import Backbone
 from .config import backbone_config, flow_head_config
 from .errors import SettingsError
@@ -116,19 +115,10 @@ def write_tiny(out: str, *, edit: bool = False, v11: bool = False, shards: int =
                vae_format: str = "pt") -> str:
     if os.path.exists(out) and os.listdir(out) and not force:
         raise SettingsError(f"{out} already exists and is not empty; choose a new folder (nothing was written).")
-    parent = os.path.dirname(os.path.abspath(out)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".nextstep-tiny-", dir=parent)
-    try:
+    with atomic_folder(out, replace=True) as tmp:
         _write(tmp, edit=edit, v11=v11, shards=shards, o_bias=o_bias, hidden=hidden, layers=layers, heads=heads,
                kv_heads=kv_heads, mlp=mlp, head_width=head_width, head_layers=head_layers, vae_ch=vae_ch, seed=seed,
                vae_format=vae_format)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -45,7 +45,10 @@ def _part(kind: str, name: str, path: str, module, load_dev, park_dev, **extra) 
 
 class NextStepBackboneLoader:
     DESCRIPTION = ("Loads the NextStep transformer backbone and its tokenizer from a Hugging Face model folder in "
-                   "models/nextstep (e.g. NextStep-1-Large). About 28 GB of weights in bf16 for the 14B models.")
+                   "models/nextstep (e.g. NextStep-1-Large). Set weights for your GPU: at 14B the decoder weights are "
+                   "about 7 GB in int4, 14 GB in int8/fp8 and 28 GB in full bf16. 8 GB cards: int4 (part of it comes "
+                   "from RAM); 12 GB: int4 fits whole; 16-24 GB: int8 (fp8 on Ada/Hopper); 48 GB: full. What does not "
+                   "fit in free VRAM is read from RAM each token: it runs, only slower.")
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = (BACKBONE,)
@@ -60,14 +63,17 @@ class NextStepBackboneLoader:
                 "A NextStep model folder from models/nextstep: the folder a Hugging Face repo downloads to "
                 "(config.json, model*.safetensors, tokenizer files). NextStep-1-Large* and NextStep-1.1* for "
                 "text to image, NextStep-1-Large-Edit for editing.")}),
-            **_common_inputs("backbone", "bf16 needs about 28 GB (14B models), fp32 twice that."),
+            **_common_inputs("backbone", "With weights full, the 14B decoder weights are about 28 GB in bf16/fp16 "
+                                         "and 56 GB in fp32; int8/fp8 and int4 (weights) hold its matrices in "
+                                         "14 GB or 7 GB."),
             "weights": (WEIGHTS, {"default": "full", "tooltip": (
-                "full: the weights as downloaded (in dtype). int8 / fp8: the decoder's matrices in 8 bits, "
-                "about 14 GB instead of 28 GB at 14B, quantized while loading (or read from a pre-quantized "
-                "file of that format in the folder, made with `python -m nextstep_core quantize`). int8 works on "
-                "every GPU and is the closer to full; fp8 uses fp8 matmuls on Ada/Hopper GPUs. int4: group-wise 4-bit, "
-                "about 7 GB at 14B (a 12 GB card keeps it whole), with torch's int4 kernels on Ampere and newer. "
-                "Whatever does not fit in free VRAM streams from RAM each token (slower, but it runs).")}),
+                "full: the weights as downloaded (in dtype), about 28 GB of decoder weights at 14B in bf16. "
+                "int8 / fp8: the decoder's matrices in 8 bits, about 14 GB, quantized while loading (or read from a "
+                "pre-quantized file of that format in the folder, made with `python -m nextstep_core quantize`). "
+                "int8 works on every GPU and is the closer to full; fp8 uses fp8 matmuls on Ada/Hopper GPUs. int4: "
+                "group-wise 4-bit, about 7 GB, with torch's int4 kernels on Ampere and newer. By card: 8 GB int4; "
+                "12 GB int4 (fits whole); 16-24 GB int8 or fp8; 48 GB full. Whatever does not fit in free VRAM is "
+                "read from RAM each token (slower, but it runs).")}),
         }}
 
     @classmethod

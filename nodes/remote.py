@@ -3,7 +3,8 @@
 The node stands where the three loaders stand and plugs into the same NextStep Text to Image
 node, so a graph switches from local to remote by changing where the model comes from, keeping
 its prompt, size, cfg, steps and seed widgets. The API key comes from an environment variable,
-never from a widget, because widget values are saved into every shared workflow.
+never from a widget, because widget values are saved into every shared workflow; for the same
+reason the servers a workflow names get that key only when the user's environment trusts them.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from . import bridge, settings
 from .sockets import BACKBONE, FLOW_HEAD, VAE, label
 from ..nextstep_core.errors import SettingsError
-from ..nextstep_core.remote import API_KEY_ENV, DEFAULT_TIMEOUT, START_HINT, Server, draw, parse_servers
+from ..nextstep_core.remote import API_KEY_ENV, DEFAULT_TIMEOUT, HOSTS_ENV, START_HINT, Server, draw, parse_servers
 
 
 @dataclass(eq=False)
@@ -39,7 +40,10 @@ class NextStepServer:
     DESCRIPTION = ("Draws with NextStep-1.1 on vLLM-Omni servers instead of this machine: connect its three outputs "
                    "to NextStep Text to Image in place of the three loaders. Several servers share the images of a "
                    "run (one request per image, seed + image index), so the images do not depend on how many there "
-                   f"are. An API key (vLLM's --api-key) is read from the {API_KEY_ENV} environment variable.")
+                   f"are. An API key (vLLM's --api-key) is read from the {API_KEY_ENV} environment variable and sent "
+                   f"only to the servers listed in {HOSTS_ENV} (host:port, comma-separated; plain http only to "
+                   "this machine or to an entry written as http://host:port); a workflow naming any other server "
+                   "stops before anything is sent.")
     CATEGORY = settings.CATEGORY
     FUNCTION = "connect"
     RETURN_TYPES = (BACKBONE, FLOW_HEAD, VAE)
@@ -52,7 +56,10 @@ class NextStepServer:
         return {"required": {
             "servers": ("STRING", {"default": "http://127.0.0.1:8091", "multiline": True, "tooltip": (
                 "Base URLs of vLLM-Omni servers, one per line. Start one with: " + START_HINT + " (add "
-                "--cfg-parallel-size 2 for two GPUs). The images of a run are spread over all of them.")}),
+                "--cfg-parallel-size 2 for two GPUs). The images of a run are spread over all of them. With "
+                f"{API_KEY_ENV} set, each must be listed in the environment variable {HOSTS_ENV} (e.g. "
+                f"{HOSTS_ENV}=gpu-box:8091,127.0.0.1:8091; http://gpu-box:8091 to allow plain http to another "
+                "machine), so a shared workflow cannot send your key elsewhere.")}),
             "model": ("STRING", {"default": "", "tooltip": (
                 "The served model name to check against (vLLM's --served-model-name). Empty: any NextStep-1.1.")}),
             "timeout": ("INT", {"default": int(DEFAULT_TIMEOUT), "min": 10, "max": 86400, "step": 10, "tooltip": (

@@ -259,7 +259,7 @@ def test_cli_quantize_then_generate_from_the_file_and_with_quant(tiny_model, tmp
     before = out.read_bytes()
     assert cli_main(["quantize", "--model", tiny_model, "--format", "fp8", "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err and out.read_bytes() == before
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".nextstep-quant-")]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".nextstep-")]
     with pytest.raises(SystemExit):
         cli_main(["quantize", "--model", tiny_model, "--format", "int3", "--out", str(out)])
     capsys.readouterr()

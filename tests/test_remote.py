@@ -17,7 +17,7 @@ from nextstep_core.engine import SamplingSettings
 from nextstep_core.errors import NextStepError, SettingsError
 from nextstep_core.pipeline import Request
 from nextstep_core.reasoning import ReasoningSettings
-from nextstep_core.remote import API_KEY_ENV, START_HINT, draw, parse_servers
+from nextstep_core.remote import API_KEY_ENV, HOSTS_ENV, START_HINT, draw, parse_servers
 from nextstep_core.remote.servers import ServerError, describe_detail
 
 
@@ -41,6 +41,7 @@ def free_port() -> int:
 @pytest.fixture(autouse=True)
 def no_key(monkeypatch):
     monkeypatch.delenv(API_KEY_ENV, raising=False)
+    monkeypatch.delenv(HOSTS_ENV, raising=False)
 
 
 def test_request_bodies_field_by_field():
@@ -253,6 +254,7 @@ def test_timeout_is_settable_and_named():
 def test_api_key_from_the_environment_as_a_bearer_token_and_never_shown(monkeypatch):
     secret = "sk-test-" + "x" * 12
     with stand_ins(1, api_key=secret) as (server,):
+        monkeypatch.setenv(HOSTS_ENV, server.url)  # trusted with the key (test_remote_trust.py: the rest)
         with pytest.raises(ServerError, match=f"401.*set the environment variable {API_KEY_ENV}"):
             draw([server.url], request())
         monkeypatch.setenv(API_KEY_ENV, "wrong-" + secret[::-1])

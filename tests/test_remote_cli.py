@@ -15,7 +15,7 @@ from vllm_stand_in import stand_ins
 
 from nextstep_core.cli import main
 from nextstep_core.presets import PRESETS
-from nextstep_core.remote import API_KEY_ENV
+from nextstep_core.remote import API_KEY_ENV, HOSTS_ENV
 
 V11 = PRESETS["nextstep1.1"]
 
@@ -23,6 +23,7 @@ V11 = PRESETS["nextstep1.1"]
 @pytest.fixture(autouse=True)
 def no_key(monkeypatch):
     monkeypatch.delenv(API_KEY_ENV, raising=False)
+    monkeypatch.delenv(HOSTS_ENV, raising=False)
 
 
 def generate(servers, out, *extra) -> int:
@@ -108,6 +109,6 @@ def test_from_a_shell(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "nextstep_core", "generate", "--server", server.url + "/v1",
                                "--prompt", "a fox", "--width", "32", "--height", "32", "--out", str(tmp_path / "f.png")],
                               cwd=ROOT, capture_output=True, text=True, timeout=120,
-                              env={**__import__("os").environ, API_KEY_ENV: "k-123"})
+                              env={**__import__("os").environ, API_KEY_ENV: "k-123", HOSTS_ENV: ""})
     assert proc.returncode == 0, proc.stderr
     assert "k-123" not in proc.stderr and (tmp_path / "f.png").is_file()

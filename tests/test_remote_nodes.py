@@ -13,7 +13,7 @@ import torch
 from host_stand_in import Interrupted, host, models_dir, pack  # noqa: F401
 from vllm_stand_in import stand_ins
 
-from nextstep_core.remote import API_KEY_ENV
+from nextstep_core.remote import API_KEY_ENV, HOSTS_ENV
 
 
 def call(cls, **kwargs):
@@ -51,6 +51,7 @@ def status(monkeypatch):
         send_progress_text=lambda text, node_id, sid=None: texts.append((str(node_id), text))))
     monkeypatch.setitem(sys.modules, "server", module)
     monkeypatch.delenv(API_KEY_ENV, raising=False)
+    monkeypatch.delenv(HOSTS_ENV, raising=False)
     return texts
 
 
@@ -174,6 +175,6 @@ def test_server_example_is_the_local_example_with_the_model_from_a_server(pack):
         "positive_prompt": v11["positive"], "negative_prompt": v11["negative"], "steps": v11["steps"],
         "cfg": v11["cfg"], "sampler": "auto", "self_cot": False}
     (note,) = [n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "Note"]
-    assert "vllm serve stepfun-ai/NextStep-1.1 --omni --port 8091" in note and API_KEY_ENV in note
+    assert "vllm serve stepfun-ai/NextStep-1.1 --omni --port 8091" in note and API_KEY_ENV in note and HOSTS_ENV in note
     assert "--cfg-parallel-size 2" in note and "--tensor-parallel-size 2" in note
     assert server["widgets_values"][0].startswith("http://")

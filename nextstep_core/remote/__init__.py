@@ -7,5 +7,7 @@ Standard library only, so nothing new is needed by people who never use a server
 """
 from .fanout import RemoteResult, draw
 from .servers import API_KEY_ENV, DEFAULT_TIMEOUT, START_HINT, Server, parse_servers
+from .trust import HOSTS_ENV
 
-__all__ = ["API_KEY_ENV", "DEFAULT_TIMEOUT", "START_HINT", "RemoteResult", "Server", "draw", "parse_servers"]
+__all__ = ["API_KEY_ENV", "DEFAULT_TIMEOUT", "HOSTS_ENV", "START_HINT", "RemoteResult", "Server", "draw",
+           "parse_servers"]

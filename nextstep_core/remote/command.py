@@ -51,7 +51,7 @@ def run_remote(args) -> int:
 
     t0 = time.perf_counter()
     result = draw(args.server, req, model=args.model, timeout=DEFAULT_TIMEOUT if args.server_timeout is None else args.server_timeout,
-                  on_progress=progress)
+                  on_progress=progress, typed=tuple(args.server))
     paths = output_paths(args.out, result.images.shape[0])
     for img, path in zip(result.images, paths):
         _save_png(img, path)

@@ -17,6 +17,7 @@ import torch
 
 from .payload import check_request, decode_image, image_jobs, request_body
 from .servers import DEFAULT_TIMEOUT, Aborted, Server, ServerError, is_pretrain, parse_servers
+from .trust import key_for
 
 POLL_S = 0.1      # how often Cancel is looked at while waiting
 TICK_S = 1.0      # how often progress is reported when nothing finishes (the elapsed time moves)
@@ -98,11 +99,15 @@ def _worker(server: Server, model: str, req, jobs: list, events: queue.Queue) ->
 
 def draw(servers, req, *, model: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT,
          on_progress: Optional[Callable[[Progress], None]] = None,
-         check: Optional[Callable[[], None]] = None) -> RemoteResult:
+         check: Optional[Callable[[], None]] = None, typed: tuple = ()) -> RemoteResult:
     """`check()` is called every POLL_S while waiting and may raise to cancel (ComfyUI's interrupt);
-    so may Ctrl-C. Either way nothing more is sent, requests in flight are closed, and it re-raises."""
+    so may Ctrl-C. Either way nothing more is sent, requests in flight are closed, and it re-raises.
+    `typed`: servers the user typed for this run (the CLI's --server), trusted with the API key;
+    servers from anywhere else get it only when NEXTSTEP_SERVER_HOSTS lists them (trust.py)."""
     count = check_request(req)
-    pool = [Server(url, timeout) for url in parse_servers(servers)]
+    urls = parse_servers(servers)
+    key = key_for(urls, parse_servers(typed) if typed else ())
+    pool = [Server(url, timeout, key) for url in urls]
     jobs = image_jobs(req)
     share = [[j for j in jobs if j[0] % len(pool) == k] for k in range(len(pool))]
     events: queue.Queue = queue.Queue()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import http.client
 import json
 import math
-import os
 import socket
 import threading
 from urllib.parse import urlsplit
@@ -79,7 +78,8 @@ def describe_detail(payload, text: str) -> str:
 
 
 class Server:
-    def __init__(self, url: str, timeout: float = DEFAULT_TIMEOUT):
+    def __init__(self, url: str, timeout: float = DEFAULT_TIMEOUT, key: str | None = None):
+        """`key`: the API key, given only once trust.key_for has cleared this server for it."""
         if not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:  # NaN passes `<= 0`
             raise ServerError(f"Server timeout {timeout} s must be a positive finite number of seconds (the default "
                               f"is {DEFAULT_TIMEOUT:.0f} s).")
@@ -87,6 +87,7 @@ class Server:
         self.url, self.timeout = url, float(timeout)
         self._https, self._host, self._port = parts.scheme == "https", parts.hostname, parts.port
         self._prefix = parts.path.rstrip("/")
+        self._key = key
         self._lock = threading.Lock()
         self._conn = None
         self._aborted = False
@@ -98,9 +99,8 @@ class Server:
         headers = {"Accept": "application/json"}
         if body:
             headers["Content-Type"] = "application/json"
-        key = os.environ.get(API_KEY_ENV, "").strip()
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
+        if self._key:
+            headers["Authorization"] = f"Bearer {self._key}"
         return headers
 
     def call(self, method: str, path: str, body: dict | None = None, timeout: float | None = None):
@@ -166,7 +166,7 @@ class Server:
     def refused(self, status: int, payload, text: str, what: str) -> ServerError:
         detail = describe_detail(payload, text)
         if status == 401:
-            fix = (f"the key in {API_KEY_ENV} is not the server's --api-key" if os.environ.get(API_KEY_ENV, "").strip()
+            fix = (f"the key in {API_KEY_ENV} is not the server's --api-key" if self._key
                    else f"it was started with --api-key: set the environment variable {API_KEY_ENV} to that key")
             return ServerError(f"{self.url} refused {what} (401 {detail}): {fix}.")
         return ServerError(f"{self.url} answered {what} with {status}: {detail}")

@@ -18,10 +18,10 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 
 import torch
 
+from ..atomic_write import atomic_file
 from ..errors import CheckpointError, SettingsError
 from .quant import FORMATS, format_of, quantized_names
 from .reading import INDEX, WeightIndex, data_start, safetensors_header
@@ -186,18 +186,9 @@ def _source_item(index: WeightIndex, name: str):
 
 
 def _write_atomic(out_path: str, items: list, metadata: dict) -> None:
-    folder = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(folder, exist_ok=True)
-    # not named *.safetensors: a leftover from a killed conversion must never be taken for weights
-    fd, tmp = tempfile.mkstemp(prefix=".nextstep-quant-", suffix=".part", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            _write(fh, items, metadata)
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    # the temporary name is not *.safetensors: a leftover of a killed conversion is never taken for weights
+    with atomic_file(out_path) as tmp, open(tmp, "wb") as fh:
+        _write(fh, items, metadata)
 
 
 def _write(fh, items: list, metadata: dict) -> None:
