@@ -41,6 +41,14 @@ def attend(q, keys, values, mask):
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
 
+def pads_attention(device: torch.device) -> bool:
+    """Whether attended lengths are rounded up to a multiple of 16 (the fast path only; the spare
+    slots are masked). On CUDA, SDPA picks its kernel by alignment among other things: a length
+    that moves by one per token would switch kernels (and pad the mask by a copy) from call to
+    call. The parity path (`kv_len=None`) attends exactly what the reference attends."""
+    return device.type == "cuda"
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -315,6 +323,8 @@ class Backbone(nn.Module):
         start, n = cache.length, embeds.shape[1]
         fast = fast and n == 1
         kv = cache.max_len if kv_len is None else max(kv_len, start + n)
+        if kv_len is not None and pads_attention(embeds.device):
+            kv = min(-(-kv // 16) * 16, cache.max_len)
         mask = cache.additive_mask(start, n, kv)
         rope = self.rope(cache.max_len)
         cos, sin = rope.signed_slice(start, n) if fast else rope.slice(start, n)

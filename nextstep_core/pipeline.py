@@ -171,7 +171,8 @@ class NextStepPipeline:
         lu = unc[0].shape[1] if unc else 0
         front = max(0, lu - (lc + 1))  # so the unconditional rows fit even if the reasoning is empty
         total_rows = len(cond) + len(uncond)
-        cache = bb.new_cache(total_rows, front + lc + think.max_tokens + 1 + len(prefix) + n_tokens)
+        cache = bb.new_cache(total_rows, bb.padded_cache_len(front + lc + think.max_tokens + 1 + len(prefix) + n_tokens,
+                                                             s.exact))
         kv = (lambda c, n: None) if s.exact else (lambda c, n: c.length + n)
         cv = cache.rows(0, len(cond))
         cv.length = front

@@ -106,10 +106,11 @@ class Storyboard:
             raise SettingsError(
                 f"Panel {len(ctx.segments) + 1} would make the story {need} tokens long; the model's limit is "
                 f"{limit}. Start a new story or use smaller panels ({n} tokens each now).")
+        slots = bb.padded_cache_len(need, sampling.exact)
         if ctx.cache is None:
-            cache = bb.new_cache(ids.shape[0], need)
+            cache = bb.new_cache(ids.shape[0], slots)
         else:
-            cache = ctx.cache.grown(need, dev)
+            cache = ctx.cache.grown(slots, dev)
         kv = None if sampling.exact else cache.length + ids.shape[1]
         hidden = bb.prefill(bb.embed(ids.to(dev)), mask.to(dev), cache, kv)[:, -1]
         noise = noise_for(sampling, make_generator(seed), 1, 1, bb.cfg.token_dim, dev, n)
