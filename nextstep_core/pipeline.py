@@ -180,7 +180,7 @@ class NextStepPipeline:
         ids = generate_reasoning(bb, tok, cv, hidden, think, make_generator(req.seed ^ 0x5EED5EED), s.exact,
                                  text_callback)
         end = cv.length
-        if unc is not None:
+        if unc is not None and lu:  # an empty negative prompt leaves nothing before the image prefix
             uv = cache.rows(len(cond), total_rows)
             uv.length = end - lu
             bb.prefill(bb.embed(unc[0].to(dev)), unc[1].to(dev), uv, kv(uv, lu))
