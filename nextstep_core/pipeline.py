@@ -13,6 +13,7 @@ import torch
 
 from .backbone import Backbone
 from .checkpoint import check_compatible
+from .devices import check_finite
 from .engine import SamplingSettings, TokenCallback, TokenLoop, noise_for
 from .errors import NextStepError, SettingsError
 from .flow_head import FlowHead
@@ -143,8 +144,10 @@ class NextStepPipeline:
                 cache = bb.new_cache(embeds.shape[0], bb.padded_cache_len(embeds.shape[1] + n_tokens, s.exact))
                 hidden = bb.prefill(embeds, rows.attention_mask.to(dev), cache,
                                     None if s.exact else embeds.shape[1])[:, -1]
+            check_finite(hidden, bb.dtype, "after reading the prompt")
             tokens = TokenLoop(bb, self.head, s).run(hidden, cache, rows.cfg_mult, n_tokens, noise, callback)
             del cache
+            check_finite(tokens, bb.dtype, "while drawing the image")
             images = self.decode(tokens, grid)
         except torch.cuda.OutOfMemoryError:
             raise NextStepError(

@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from .devices import check_finite
 from .engine import SamplingSettings, TokenCallback, TokenLoop, noise_for
 from .errors import SettingsError
 from .images import check_size
@@ -113,9 +114,11 @@ class Storyboard:
             cache = ctx.cache.grown(slots, dev)
         kv = None if sampling.exact else cache.length + ids.shape[1]
         hidden = bb.prefill(bb.embed(ids.to(dev)), mask.to(dev), cache, kv)[:, -1]
+        check_finite(hidden, bb.dtype, f"after reading panel {len(ctx.segments) + 1}'s prompt")
         noise = noise_for(sampling, make_generator(seed), 1, 1, bb.cfg.token_dim, dev, n)
         loop = TokenLoop(bb, self.pipe.head, sampling)
         tokens = loop.run(hidden, cache, ctx.cfg_mult, n, noise, callback)
+        check_finite(tokens, bb.dtype, f"while drawing panel {len(ctx.segments) + 1}")
         loop.feed_last(tokens, cache, ctx.cfg_mult)  # the step a single image skips: the story goes on
         seg = Segment(ids, mask, tokens[0].cpu(), grid)
         new = StoryContext(ctx.cfg_mult, ctx.negative, ctx.style, cache, ctx.segments + [seg])
