@@ -101,8 +101,9 @@ def bytes_on(module: torch.nn.Module, device) -> int:
     seen, n = set(), 0
     for t in list(module.parameters()) + list(module.buffers()):
         same = t.device.type == device.type and (device.index is None or t.device.index in (None, device.index))
-        if same and t.untyped_storage().data_ptr() not in seen:
-            seen.add(t.untyped_storage().data_ptr())
+        key = t.untyped_storage().data_ptr() or id(t)  # views of one buffer (fused layouts) count once
+        if same and key not in seen:
+            seen.add(key)
             n += t.untyped_storage().nbytes()
     return n
 

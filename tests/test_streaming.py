@@ -132,3 +132,22 @@ def test_placing_again_keeps_the_host_copies_of_layers_that_stay_streamed(tiny_m
         assert_tokens_close(run_tokens(bb, tok, tiny_model, 3), want)
     finally:
         streamer.remove()
+
+
+def test_cli_plan_counts_the_lm_head_self_cot_will_read(tiny_model, tmp_path, monkeypatch):
+    """The LM head is read after placement, on the device: the plan must leave room for it."""
+    import nextstep_core.weights.streaming as streaming
+    from nextstep_core.cli import main
+    from nextstep_core.memory import weight_bytes
+    plans = []
+    real = streaming.stream_layers
+    monkeypatch.setattr(streaming, "stream_layers", lambda bb, n, device=None, plan=None: plans.append(plan) or
+                        real(bb, n, device, plan))
+    base = ["generate", "--model", tiny_model, "--prompt", "x", "--width", "32", "--height", "32", "--steps", "2",
+            "--device", "cpu", "--gpu-layers", "1", "--quiet"]
+    assert main(base + ["--out", str(tmp_path / "a.png")]) == 0
+    assert main(base + ["--self-cot", "--think-tokens", "2", "--out", str(tmp_path / "b.png")]) == 0
+    plain, cot = plans
+    cfg = load_backbone(tiny_model)[0].cfg
+    head = weight_bytes(cfg, None, 4, lm_head=True)[1] - weight_bytes(cfg, None, 4)[1]
+    assert head > 0 and cot.fixed_weight_bytes - plain.fixed_weight_bytes == head
