@@ -68,9 +68,9 @@ def check_finite(t: torch.Tensor, dtype: torch.dtype, where: str) -> None:
     if dtype is torch.float16:
         raise DeviceError(
             f"The model's values overflowed float16 ({where}): NextStep was trained in bfloat16 and its hidden "
-            "states can exceed float16's range. Use a GPU with bfloat16 (Ampere or newer), or float32 "
-            "(the loaders' dtype fp32, or --dtype float32; with int8 or int4 weights the decoder matrices stay 8- or 4-bit, so "
-            "float32 costs far less memory than it does for full-precision weights).")
+            "states can exceed float16's range. Use a GPU with bfloat16 (Ampere or newer), or float32 (the "
+            "loaders' dtype fp32, or --dtype float32; with int8 or int4 weights the decoder matrices stay 8- or "
+            "4-bit, so float32 costs far less memory than it does for full-precision weights).")
     raise DeviceError(f"The model produced inf/NaN values ({where}) in {str(dtype).replace('torch.', '')}: the "
                       "weights may be damaged (download the model again) or the settings extreme.")
 

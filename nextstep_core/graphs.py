@@ -21,7 +21,9 @@ use the current device unless told, and the run's device may be cuda:1. Capture 
 "thread_local" mode, so CUDA calls that other threads of the host process make meanwhile do not
 invalidate it. Under ComfyUI's `backend:cudaMallocAsync` allocator nothing else changes: no
 private pool is passed (that backend has none), and a capture it refuses (it allows one at a time
-per process) falls back to eager like any other failed capture.
+per process) falls back to eager like any other failed capture. What only a GPU can show: there
+the step's temporaries become the driver's graph memory rather than the pool's, so how much of a
+released capture's memory `mem_get_info` sees freed at once is measured by the device check.
 """
 from __future__ import annotations
 
@@ -198,7 +200,10 @@ def graphed_loop(loop, hidden, cache, cfg_mult: int, n_tokens: int):
         if mode == "on":
             raise
         del step  # the capture's KV cache and buffers go before the eager run needs the memory
-        warnings.warn(f"CUDA graph capture failed ({type(exc).__name__}: {exc}); running eagerly.")
+        where = ""
+        if hidden.device.type == "cuda":
+            where = f" on {hidden.device}, allocator {torch.cuda.memory.get_allocator_backend()}"
+        warnings.warn(f"CUDA graph capture failed{where} ({type(exc).__name__}: {exc}); running eagerly.")
         if hidden.device.type == "cuda":
             torch.cuda.synchronize(hidden.device)
         return None
