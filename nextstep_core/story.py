@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from . import backbone as backbone_module
 from .devices import check_finite
 from .engine import SamplingSettings, TokenCallback, TokenLoop, noise_for
 from .errors import SettingsError
@@ -107,7 +108,8 @@ class Storyboard:
             raise SettingsError(
                 f"Panel {len(ctx.segments) + 1} would make the story {need} tokens long; the model's limit is "
                 f"{limit}. Start a new story or use smaller panels ({n} tokens each now).")
-        slots = bb.padded_cache_len(need, sampling.exact)
+        # padded like the text-to-image cache where attention is (CUDA): the captured step attends it whole
+        slots = bb.padded_cache_len(need, sampling.exact) if backbone_module.pads_attention(dev) else need
         if ctx.cache is None:
             cache = bb.new_cache(ids.shape[0], slots)
         else:
