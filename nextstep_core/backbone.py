@@ -42,6 +42,14 @@ def attend(q, keys, values, mask):
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
 
+def pads_attention(device: torch.device) -> bool:
+    """Whether attended lengths are rounded up to a multiple of 16 (the fast path only; the spare
+    slots are masked). On CUDA, SDPA picks its kernel by alignment among other things: a length
+    that moves by one per token would switch kernels (and pad the mask by a copy) from call to
+    call. The parity path (`kv_len=None`) attends exactly what the reference attends."""
+    return device.type == "cuda"
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -111,6 +119,11 @@ class Attention(nn.Module):
         out = attend(q, cache.keys[layer], cache.values[layer], mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, 1, -1))
 
+    def _apply(self, fn, recurse=True):
+        # the fused layout holds the joined weights where they were: a move must not leave it behind
+        self.__dict__.pop("_qkv", None)
+        return super()._apply(fn, recurse)
+
     def fused_qkv(self):
         """q|k|v as one product (see fused.py); rebuilt if the projections were replaced."""
         f = getattr(self, "_qkv", None)
@@ -157,6 +170,10 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_gate_up", None)  # as Attention._apply
+        return super()._apply(fn, recurse)
 
     def fused_gate_up(self):
         f = getattr(self, "_gate_up", None)
@@ -239,6 +256,17 @@ class Backbone(RunsOn, nn.Module):
     def dtype(self) -> torch.dtype:
         return self.norm.weight.dtype
 
+    def _apply(self, fn, recurse=True):
+        """After a move or cast, nothing of ours stays where the weights were: the RoPE table and a
+        kept CUDA graph capture (with its own KV cache) go with it, unless the move changed nothing."""
+        out = super()._apply(fn, recurse)
+        r = self._rope
+        if r is not None and (r.cos.device != self.device or r.cos.dtype != self.dtype):
+            self._rope = None
+        from .graphs import release_if_moved
+        release_if_moved(self)
+        return out
+
     def new_cache(self, batch: int, max_len: int) -> StaticKVCache:
         if max_len > self.cfg.max_position_embeddings:
             from .errors import SettingsError
@@ -247,7 +275,8 @@ class Backbone(RunsOn, nn.Module):
                 "use a smaller size or a shorter prompt/story.")
         need = self.cache_bytes(batch, max_len)
         if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
+            from .memory import free_bytes
+            free = free_bytes(self.device)
             if need > free:
                 from .errors import NextStepError
                 raise NextStepError(
@@ -309,6 +338,8 @@ class Backbone(RunsOn, nn.Module):
         start, n = cache.length, embeds.shape[1]
         fast = fast and n == 1
         kv = cache.max_len if kv_len is None else max(kv_len, start + n)
+        if kv_len is not None and pads_attention(embeds.device):
+            kv = min(-(-kv // 16) * 16, cache.max_len)
         mask = cache.additive_mask(start, n, kv)
         rope = self.rope(cache.max_len)
         cos, sin = rope.signed_slice(start, n) if fast else rope.slice(start, n)

@@ -210,10 +210,11 @@ def run_generation(args) -> int:
         req.fit_base = 512 if args.fit_size is None else args.fit_size
     if args.gpu_layers is not None:
         _stream(args, backbone, req, settings, device, editing)
-    progress = ProgressLine(sys.stderr, quiet=args.quiet)
+    sync = _device_sync(device)
+    progress = ProgressLine(sys.stderr, quiet=args.quiet, sync=sync)
     t1 = time.perf_counter()
     if args.command == "storyboard":
-        return _storyboard(args, pipe, req, settings, variant, t1)
+        return _storyboard(args, pipe, req, settings, variant, t1, sync)
     result = pipe.run(req, progress)
     gen_s = time.perf_counter() - t1
     paths = output_paths(args.out, result.images.shape[0])
@@ -233,34 +234,47 @@ def run_generation(args) -> int:
     return 0
 
 
+def _device_sync(device):
+    """What waits for `device` before the progress line reads the time (None: nothing to wait for)."""
+    import torch
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    if device.type == "mps":
+        return torch.mps.synchronize
+    return None
+
+
 def _stream(args, backbone, req, settings, device, editing) -> None:
     """Keep as many decoder layers on the device as memory.plan says fit (or --gpu-layers N)."""
-    import torch
-    from .memory import plan
+    from .memory import bytes_on, free_bytes, plan
     from .weights.streaming import stream_layers
     from .prompts import cfg_mult_for
     from .weights.quant import format_of
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    free = free_bytes(device)
+    if free is not None:  # what the backbone already holds there is freed when it is placed
+        free += bytes_on(backbone, device)
     batch = (len(req.edit_images) if editing else max(1, len(req.prompts))) * req.images_per_prompt
     width, height = req.width or 512, req.height or 512
     context = 512 + (width // 16) * (height // 16) * (len(args.panel) + len(args.prompt) if args.command ==
                                                       "storyboard" else 1 if editing else 0)
-    if args.command == "generate" and req.reasoning.mode != "off" and req.reasoning.text is None:
+    reasons = args.command == "generate" and req.reasoning.mode != "off" and req.reasoning.text is None
+    if reasons:
         context += args.think_tokens
     layers = None if args.gpu_layers == "auto" else args.gpu_layers
     p = plan(backbone.cfg, format_of(backbone), backbone.dtype.itemsize, width=width, height=height, batch=batch,
              cfg_rows=cfg_mult_for(settings.cfg, settings.cfg_img, editing), context_tokens=context,
-             free_bytes=free, gpu_layers=layers, lm_head=backbone.lm_head is not None)
+             free_bytes=free, gpu_layers=layers, lm_head=backbone.lm_head is not None or reasons,
+             graphs=device.type == "cuda" and settings.cuda_graphs != "off")
     stream_layers(backbone, p.resident, device, p)
     if not args.quiet:
         print(f"low-VRAM mode: {p.describe()}", file=sys.stderr)
 
 
-def _storyboard(args, pipe, req, settings, variant, t1) -> int:
+def _storyboard(args, pipe, req, settings, variant, t1, sync=None) -> int:
     import torch
     from .story import Storyboard
     prompts = args.panel + args.prompt
-    progress = ProgressLine(sys.stderr, quiet=args.quiet, passes=len([p for p in prompts if p.strip()]))
+    progress = ProgressLine(sys.stderr, quiet=args.quiet, passes=len([p for p in prompts if p.strip()]), sync=sync)
     panels = Storyboard(pipe).run(prompts, width=req.width, height=req.height, seed=req.seed, sampling=settings,
                                   negative=req.negative, positive=req.positive, style=args.style,
                                   callback=lambda _panel, done, total, tokens: progress(done, total, tokens))

@@ -26,20 +26,53 @@ def resolve_device(name: str | None = "auto") -> torch.device:
     return dev
 
 
+def cuda_bf16(device: torch.device, emulated: bool = False) -> bool:
+    """Whether the GPU `device` (not the current one: it may be cuda:1) computes in bfloat16, in
+    hardware (compute capability 8.0 and up), or at all when `emulated`. torch's own check counts
+    emulation by default: a T4, V100 or RTX 20xx then says yes, and gets slow attention and
+    dequantized int4 matmuls that no memory plan counts."""
+    with torch.cuda.device(device):
+        try:
+            return bool(torch.cuda.is_bf16_supported(including_emulation=emulated))
+        except TypeError:  # torch before the argument existed: no emulation was counted then
+            return bool(torch.cuda.is_bf16_supported())
+
+
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     name = (name or "auto").lower()
+    device = torch.device(device)
     if name == "auto":
         if device.type == "cpu":
             return torch.float32
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        if device.type == "cuda" and not cuda_bf16(device):
             return torch.float16
         return torch.bfloat16
     if name not in DTYPES:
         raise DeviceError(f"Unknown dtype {name!r}; choose auto, bfloat16, float16 or float32.")
     dtype = DTYPES[name]
-    if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise DeviceError("This GPU has no bfloat16 support: use float16 (or auto).")
+    if dtype is torch.bfloat16 and device.type == "cuda" and not cuda_bf16(device):
+        if not cuda_bf16(device, emulated=True):
+            raise DeviceError(f"{device} has no bfloat16 support: use float16 (or auto).")
+        import warnings
+        warnings.warn(f"{device} has no bfloat16 hardware: torch emulates it, which is much slower than float16 "
+                      "(auto picks float16 there).")
     return dtype
+
+
+def check_finite(t: torch.Tensor, dtype: torch.dtype, where: str) -> None:
+    """Raise, with what to choose instead, when `t` holds inf or NaN: a float16 run of a model trained
+    in bfloat16 can overflow (its hidden states exceed 65504), and would otherwise draw a black
+    image. One host read: call it where a sync happens anyway (after the prefill, at the image's end)."""
+    if bool(torch.isfinite(t).all()):
+        return
+    if dtype is torch.float16:
+        raise DeviceError(
+            f"The model's values overflowed float16 ({where}): NextStep was trained in bfloat16 and its hidden "
+            "states can exceed float16's range. Use a GPU with bfloat16 (Ampere or newer), or float32 (the "
+            "loaders' dtype fp32, or --dtype float32; with int8 or int4 weights the decoder matrices stay 8- or "
+            "4-bit, so float32 costs far less memory than it does for full-precision weights).")
+    raise DeviceError(f"The model produced inf/NaN values ({where}) in {str(dtype).replace('torch.', '')}: the "
+                      "weights may be damaged (download the model again) or the settings extreme.")
 
 
 def kernel_agrees(label: str, device, fast, reference: torch.Tensor, bound: float) -> bool:

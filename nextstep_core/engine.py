@@ -142,6 +142,9 @@ class TokenLoop:
         from .graphs import graphed_loop
         bb = self.bb
         rows = hidden.shape[0]
+        # a fresh [rows, hidden] tensor: the prefill's last position is a view whose strides carry the
+        # prompt's length, which a compiled step would guard on (one compile per prompt length)
+        hidden = hidden.clone(memory_format=torch.contiguous_format)
         self.schedule(rows, n_tokens, hidden.device)
         tokens = torch.empty(rows // cfg_mult, n_tokens, bb.cfg.token_dim, dtype=torch.float32, device=hidden.device)
         fast = graphed_loop(self, hidden, cache, cfg_mult, n_tokens)

@@ -114,6 +114,15 @@ class FlowHead(RunsOn, nn.Module):
     def weights_device(self) -> torch.device:
         return self.net.input_proj.weight.device
 
+    def _apply(self, fn, recurse=True):
+        """A move or cast leaves nothing behind: the fused adaLN layout goes, and so does a kept CUDA
+        graph capture that read the old weights (see Backbone._apply)."""
+        self.__dict__.pop("_adaln", None)
+        out = super()._apply(fn, recurse)
+        from .graphs import release_if_moved
+        release_if_moved(self)
+        return out
+
     def time_embeddings(self, t: torch.Tensor, rows: int) -> torch.Tensor:
         """[steps, rows, dim]. Computed with `rows` identical rows per step, as the reference
         does, so the result is bit-equal to evaluating inside the loop; done once per run."""
@@ -170,12 +179,10 @@ class FlowHead(RunsOn, nn.Module):
         else:
             out = f(y)
         chunks = out.shape[-1] // dim
-        one = getattr(self, "_scale_one", None)
-        if one is None or one.shape[0] != chunks or one.device != out.device or one.dtype != out.dtype:
-            one = torch.zeros(chunks, 1, dtype=out.dtype, device=out.device)
-            one[1::3] = 1  # the scale chunk of every (shift, scale, gate) triple and of the final (shift, scale)
-            self._scale_one = one
-        out = out.view(steps, rows, chunks, dim) + one
+        out = out.view(steps, rows, chunks, dim)
+        # 1 + scale in place, on the scale chunk of every (shift, scale, gate) triple and of the final
+        # (shift, scale): nothing is created and kept here, which a compiled step would guard on
+        out[:, :, 1::3] += 1
         return [step.unbind(1) for step in out.unbind(0)]
 
     def velocity_fast(self, x: torch.Tensor, mods: list) -> torch.Tensor:

@@ -6,6 +6,12 @@ keeps its own names: the member Linears keep their parameters, which become cons
 one buffer, so no weight is held twice and the bit-parity path still runs them one by one. A
 move of the model (`.to`, an offload) gives the members fresh separate storage; the next fused
 call notices (by address) and lays them out together again, once.
+
+The module that keeps a fused layout (Attention, MLP, FlowHead) drops it in its `_apply`: the
+joined buffer is the old device's memory, and a memory manager that moved the module counts that
+memory as freed. The members stay separate modules under the checkpoint's names (rather than
+being joined at load) because a host's own layers (comfy.ops) load and cast them one by one by
+those names; those are never fused here (`fused_linear` returns None for them).
 """
 from __future__ import annotations
 

@@ -10,10 +10,25 @@ the first token and the image's slots copied back after the last. Noise and CFG 
 each replay (device-to-device, no host sync), which keeps a seed's image the same on every
 device. On other devices, or when capture fails, the same step runs eagerly; `StaticStep.eager`
 is what the CPU tests compare against the plain loop.
+
+The capture's own KV cache is a second cache beside the run's: memory.plan counts it, it is made
+only when the device has room for it, and failing to make it (or to capture) runs the image
+eagerly instead of failing it. A kept capture is dropped as soon as either part moves
+(`release_if_moved`, called from their `_apply`), so an offload frees its memory at once.
+
+Every CUDA call here runs under `torch.cuda.device(dev)`: streams, synchronisation and the capture
+use the current device unless told, and the run's device may be cuda:1. Capture is in
+"thread_local" mode, so CUDA calls that other threads of the host process make meanwhile do not
+invalidate it. Under ComfyUI's `backend:cudaMallocAsync` allocator nothing else changes: no
+private pool is passed (that backend has none), and a capture it refuses (it allows one at a time
+per process) falls back to eager like any other failed capture. What only a GPU can show: there
+the step's temporaries become the driver's graph memory rather than the pool's, so how much of a
+released capture's memory `mem_get_info` sees freed at once is measured by the device check.
 """
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -21,7 +36,7 @@ import torch
 class StaticStep:
     def __init__(self, loop, hidden: torch.Tensor, cache, cfg_mult: int, n_draws_shape, own_cache: bool = False):
         self.loop, self.cfg_mult = loop, cfg_mult
-        dev = hidden.device
+        dev = self.device = hidden.device
         self.hidden = hidden.clone()
         self.noise = torch.zeros(n_draws_shape, dtype=torch.float32, device=dev)
         self.scale = torch.zeros(2, dtype=torch.float32, device=dev)
@@ -57,21 +72,24 @@ class StaticStep:
         self.pos.add_(1)
 
     def capture(self) -> None:
-        """Warm up on a side stream (as CUDA graph capture requires), then record one step. The
-        warm-up writes cache slot `pos`, which the first replay simply writes again."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        saved = (self.hidden.clone(), self.pos.clone())
-        with torch.cuda.stream(stream):
-            self.body()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.hidden.copy_(saved[0])
-        self.pos.copy_(saved[1])
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.body()
-        self.hidden.copy_(saved[0])
-        self.pos.copy_(saved[1])
+        """Warm up on a side stream (as CUDA graph capture requires), then record one step on that
+        stream (torch's default capture stream is made once, on whichever device was current
+        then). The warm-up writes cache slot `pos`, which the first replay simply writes again."""
+        dev = self.device
+        with torch.cuda.device(dev):
+            stream = torch.cuda.Stream(dev)
+            stream.wait_stream(torch.cuda.current_stream(dev))
+            saved = (self.hidden.clone(), self.pos.clone())
+            with torch.cuda.stream(stream):
+                self.body()
+            torch.cuda.current_stream(dev).wait_stream(stream)
+            self.hidden.copy_(saved[0])
+            self.pos.copy_(saved[1])
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, stream=stream, capture_error_mode="thread_local"):
+                self.body()
+            self.hidden.copy_(saved[0])
+            self.pos.copy_(saved[1])
 
     def replay(self, noise: torch.Tensor, scale: torch.Tensor):
         self.noise.copy_(noise)
@@ -112,9 +130,37 @@ def _key(loop, hidden, cache, cfg_mult: int) -> tuple:
             s.shift, s.use_norm, s.exact, s.compile)
 
 
-def release(backbone) -> None:
-    """Drop the kept capture and its KV cache (for memory managers unloading the model)."""
-    backbone.__dict__.pop("_kept_step", None)
+@dataclass
+class _Kept:
+    key: tuple
+    fingerprint: tuple
+    step: StaticStep
+
+
+def release(part) -> None:
+    """Drop the kept capture that `part` (the backbone or the flow head) takes part in, with its KV
+    cache, static buffers and graph, from both parts."""
+    kept = part.__dict__.pop("_kept_step", None)
+    if kept is None:
+        return
+    for other in (kept.step.loop.bb, kept.step.loop.head):
+        if other.__dict__.get("_kept_step") is kept:
+            del other.__dict__["_kept_step"]
+
+
+def release_if_moved(part) -> None:
+    """After `part` was moved or cast: a capture whose weights no longer sit where it recorded them
+    can never replay, so its memory goes now rather than at the next run (a memory manager
+    offloading the part counts that memory as freed). A move to where the part already is keeps it."""
+    kept = part.__dict__.get("_kept_step")
+    if kept is not None and kept.fingerprint != _fingerprint(kept.step.loop):
+        release(part)
+
+
+def _room_for(step_cache_bytes: int, device: torch.device) -> bool:
+    from .memory import SLACK, free_bytes
+    free = free_bytes(device)
+    return free is None or step_cache_bytes + SLACK <= free
 
 
 def graphed_loop(loop, hidden, cache, cfg_mult: int, n_tokens: int):
@@ -129,25 +175,39 @@ def graphed_loop(loop, hidden, cache, cfg_mult: int, n_tokens: int):
         if mode == "on":
             warnings.warn("cuda_graphs='on' needs a CUDA device; running eagerly.")
         return None
-    bb = loop.bb
+    bb, head = loop.bb, loop.head
     key = _key(loop, hidden, cache, cfg_mult)
     kept = bb.__dict__.get("_kept_step")
-    if kept is not None and kept[0] == key and kept[1] == _fingerprint(loop):
-        kept[2].begin(hidden, cache)
-        return kept[2]
+    if kept is not None and kept.key == key and kept.fingerprint == _fingerprint(loop) and \
+            head.__dict__.get("_kept_step") is kept:
+        kept.step.begin(hidden, cache)
+        return kept.step
     release(bb)  # its memory goes before a new capture takes more
+    release(head)
     from .samplers import draws_per_token
     shape = (draws_per_token(loop.s.sampler, loop.s.steps), hidden.shape[0] // cfg_mult, bb.cfg.token_dim)
-    bb.rope(cache.max_len)  # built now: building it copies from the host, which capture cannot do
-    step = StaticStep(loop, hidden, cache, cfg_mult, shape, own_cache=True)
+    need = bb.cache_bytes(cache.batch, cache.max_len)
+    if mode == "auto" and not _room_for(need, hidden.device):
+        warnings.warn(f"No room on {hidden.device} for the CUDA graph's own KV cache ({need / 2**30:.2f} GiB); "
+                      "running eagerly (slower per token).")
+        return None
+    step = None
     try:
+        bb.rope(cache.max_len)  # built now: building it copies from the host, which capture cannot do
+        step = StaticStep(loop, hidden, cache, cfg_mult, shape, own_cache=True)
         step.capture()
     except Exception as exc:  # capture is an optimisation: never fail a generation over it
         if mode == "on":
             raise
-        warnings.warn(f"CUDA graph capture failed ({type(exc).__name__}: {exc}); running eagerly.")
+        del step  # the capture's KV cache and buffers go before the eager run needs the memory
+        where = ""
         if hidden.device.type == "cuda":
-            torch.cuda.synchronize()
+            where = f" on {hidden.device}, allocator {torch.cuda.memory.get_allocator_backend()}"
+        warnings.warn(f"CUDA graph capture failed{where} ({type(exc).__name__}: {exc}); running eagerly.")
+        if hidden.device.type == "cuda":
+            torch.cuda.synchronize(hidden.device)
         return None
-    bb.__dict__["_kept_step"] = (key, _fingerprint(loop), step)  # after the warm-up laid out fused weights
+    kept = _Kept(key, _fingerprint(loop), step)  # after the warm-up laid out fused weights
+    bb.__dict__["_kept_step"] = kept
+    head.__dict__["_kept_step"] = kept
     return step

@@ -37,6 +37,7 @@ class MemoryPlan:
     activation_bytes: int         # the larger of prefill activations and the VAE decode
     buffer_bytes: int             # the two prefetch sets of streamed layers (0 when nothing streams)
     free_bytes: Optional[int]     # what the device had free (None: not known, e.g. CPU)
+    capture_bytes: int = 0        # the kept CUDA graph step's own KV cache (graphs.py); 0 when none is made
 
     @property
     def streamed(self) -> int:
@@ -50,7 +51,7 @@ class MemoryPlan:
     @property
     def device_bytes(self) -> int:
         return (self.fixed_weight_bytes + self.resident * self.layer_bytes + self.kv_bytes + self.activation_bytes
-                + self.buffer_bytes + SLACK)
+                + self.buffer_bytes + self.capture_bytes + SLACK)
 
     @property
     def host_bytes(self) -> int:
@@ -58,9 +59,9 @@ class MemoryPlan:
 
     @property
     def weight_device_bytes(self) -> int:
-        """What stays on the device between runs: weights kept there and the prefetch buffers (the KV
-        cache and activations live only while a run does)."""
-        return self.fixed_weight_bytes + self.resident * self.layer_bytes + self.buffer_bytes
+        """What stays on the device between runs: weights kept there, the prefetch buffers and a kept
+        capture (the run's KV cache and activations live only while a run does)."""
+        return self.fixed_weight_bytes + self.resident * self.layer_bytes + self.buffer_bytes + self.capture_bytes
 
     def seconds_per_token(self, pcie_gbps: float = PCIE_GBPS) -> float:
         """The time streaming adds per token, when the copies are not hidden behind compute."""
@@ -74,6 +75,37 @@ class MemoryPlan:
         return (f"{where}, {self.streamed_bytes / GiB:.2f} GiB streamed from CPU RAM per token (about "
                 f"{per * 1000:.0f} ms per token over PCIe, {per * tokens:.0f} s more for a {tokens}-token image); "
                 f"{self.device_bytes / GiB:.1f} GiB on the device, {self.host_bytes / GiB:.1f} GiB pinned in RAM")
+
+
+def free_bytes(device) -> Optional[int]:
+    """What a new allocation on `device` can use (None where it is not known: CPU, MPS): the device's
+    free memory plus what torch's allocator holds unused. `mem_get_info` alone misses the second
+    part, which is often gigabytes after a model was offloaded.
+
+    The same sum holds under `PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync` (ComfyUI's default):
+    there `memory_reserved` and `memory_allocated` report the device's default memory pool (its
+    reserved and its used bytes), and torch sets that pool's release threshold to the maximum, so
+    freed blocks stay in the pool, invisible to `mem_get_info`, and serve torch's next allocations."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(free) + max(0, int(cached))
+
+
+def bytes_on(module: torch.nn.Module, device) -> int:
+    """Bytes of `module`'s parameters and buffers that sit on `device` now: memory a new placement of
+    the same module may count as its own (they are freed when it moves)."""
+    device = torch.device(device)
+    seen, n = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        same = t.device.type == device.type and (device.index is None or t.device.index in (None, device.index))
+        key = t.untyped_storage().data_ptr() or id(t)  # views of one buffer (fused layouts) count once
+        if same and key not in seen:
+            seen.add(key)
+            n += t.untyped_storage().nbytes()
+    return n
 
 
 def within(p: MemoryPlan, weight_budget: float) -> MemoryPlan:
@@ -114,11 +146,14 @@ def kv_bytes(cfg, rows: int, positions: int, dtype_bytes: int) -> int:
 def plan(cfg, fmt: Optional[str], dtype_bytes: int, *, width: int, height: int, batch: int = 1, cfg_rows: int = 2,
          context_tokens: int = 512, free_bytes: Optional[int] = None, other_weight_bytes: int = 0,
          vae_channels: int = 128, lm_head: bool = False, gpu_layers: Optional[int] = None,
-         patch: int = 16) -> MemoryPlan:
+         patch: int = 16, graphs: bool = False) -> MemoryPlan:
     """What runs where. `cfg_rows`: rows per image (1 without CFG, 2 with text CFG, 3 for edits
     with image CFG); `context_tokens`: positions before the image tokens (prompt, edit image,
     story so far, reasoning); `other_weight_bytes`: the flow head and the VAE (always resident);
-    `gpu_layers`: a fixed number of resident layers instead of as many as fit.
+    `gpu_layers`: a fixed number of resident layers instead of as many as fit; `graphs`: the run
+    captures its step as a CUDA graph when the whole backbone is resident, which keeps a second KV
+    cache (when only that does not fit, the plan still keeps the backbone whole and the image runs
+    eagerly, far cheaper than streaming layers).
 
     Raises DeviceError, with the figures, only when even zero resident layers do not fit."""
     n = cfg.num_layers
@@ -137,12 +172,14 @@ def plan(cfg, fmt: Optional[str], dtype_bytes: int, *, width: int, height: int, 
             from .errors import SettingsError
             raise SettingsError(f"gpu_layers={gpu_layers}: use 0..{n} ({n} keeps the whole backbone on the GPU), "
                                 "or auto.")
-        return MemoryPlan(resident=gpu_layers, buffer_bytes=2 * layer if gpu_layers < n else 0, **base)
-    if free_bytes is None:
-        return MemoryPlan(resident=n, buffer_bytes=0, **base)
-    whole = MemoryPlan(resident=n, buffer_bytes=0, **base)
-    if whole.device_bytes <= free_bytes:
+        return MemoryPlan(resident=gpu_layers, buffer_bytes=2 * layer if gpu_layers < n else 0,
+                          capture_bytes=kv if graphs and gpu_layers == n else 0, **base)
+    whole = MemoryPlan(resident=n, buffer_bytes=0, capture_bytes=kv if graphs else 0, **base)
+    if free_bytes is None or whole.device_bytes <= free_bytes:
         return whole
+    eager = dataclasses.replace(whole, capture_bytes=0)
+    if eager.device_bytes <= free_bytes:
+        return eager
     none = MemoryPlan(resident=0, buffer_bytes=2 * layer, **base)
     if none.device_bytes > free_bytes:
         raise DeviceError(

@@ -13,6 +13,7 @@ import torch
 
 from .backbone import Backbone
 from .checkpoint import check_compatible
+from .devices import check_finite
 from .engine import SamplingSettings, TokenCallback, TokenLoop, noise_for
 from .errors import NextStepError, SettingsError
 from .flow_head import FlowHead
@@ -143,8 +144,10 @@ class NextStepPipeline:
                 cache = bb.new_cache(embeds.shape[0], bb.padded_cache_len(embeds.shape[1] + n_tokens, s.exact))
                 hidden = bb.prefill(embeds, rows.attention_mask.to(dev), cache,
                                     None if s.exact else embeds.shape[1])[:, -1]
+            check_finite(hidden, bb.dtype, "after reading the prompt")
             tokens = TokenLoop(bb, self.head, s).run(hidden, cache, rows.cfg_mult, n_tokens, noise, callback)
             del cache
+            check_finite(tokens, bb.dtype, "while drawing the image")
             images = self.decode(tokens, grid)
         except torch.cuda.OutOfMemoryError:
             raise NextStepError(
@@ -171,7 +174,8 @@ class NextStepPipeline:
         lu = unc[0].shape[1] if unc else 0
         front = max(0, lu - (lc + 1))  # so the unconditional rows fit even if the reasoning is empty
         total_rows = len(cond) + len(uncond)
-        cache = bb.new_cache(total_rows, front + lc + think.max_tokens + 1 + len(prefix) + n_tokens)
+        cache = bb.new_cache(total_rows, bb.padded_cache_len(front + lc + think.max_tokens + 1 + len(prefix) + n_tokens,
+                                                             s.exact))
         kv = (lambda c, n: None) if s.exact else (lambda c, n: c.length + n)
         cv = cache.rows(0, len(cond))
         cv.length = front

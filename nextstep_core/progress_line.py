@@ -6,6 +6,11 @@ the later half of the pass, whichever is longer, so a slow first token (warm-up,
 short pause does not make the ETA jump, while a real change of speed still shows within seconds.
 On a terminal the line is rewritten in place; into a file or pipe a plain line is written now and
 then, so logs stay readable.
+
+On a GPU the token callback runs when a token is queued, not when it is computed (the loop never
+waits for the device). So the times the rate is measured from are read only when a line is
+written, after `sync` waited for the device: the speed counts work done, and the device is waited
+for once per line (at most four times a second), never per token.
 """
 from __future__ import annotations
 
@@ -52,9 +57,12 @@ class RateTracker:
     first_t: Optional[float] = None
     samples: list = field(default_factory=list)
 
+    def starts_pass(self, done: int, total: int) -> bool:
+        return self.first_t is None or total != self.total or done < self.done
+
     def add(self, done: int, total: int, t: float) -> bool:
         """Record one sample; True when it starts a new pass."""
-        if self.first_t is None or total != self.total or done < self.done:
+        if self.starts_pass(done, total):
             self.total, self.done, self.first_t, self.samples = total, done, t, [(t, done)]
             return True
         if done == self.done:
@@ -97,11 +105,13 @@ class ProgressLine:
     quiet: report nothing. tty: rewrite one line in place (default: whether `stream` is a
     terminal); otherwise write a plain line at most every PLAIN_INTERVAL_S, and always the last.
     passes: how many passes follow one another (storyboard panels): each line then starts with
-    "panel k/n". Elapsed time counts from construction, so prompt encoding and reasoning are
-    included."""
+    "panel k/n". sync: waits for the device before a line's time is read (None: nothing to wait
+    for, as on the CPU). Elapsed time counts from construction, so prompt encoding and reasoning
+    are included."""
 
     def __init__(self, stream: Optional[TextIO] = None, *, quiet: bool = False, tty: Optional[bool] = None,
-                 passes: Optional[int] = None, clock: Callable[[], float] = time.monotonic):
+                 passes: Optional[int] = None, clock: Callable[[], float] = time.monotonic,
+                 sync: Optional[Callable[[], None]] = None):
         self.stream = sys.stderr if stream is None else stream
         self.quiet = quiet
         if tty is None:
@@ -115,18 +125,23 @@ class ProgressLine:
         self.width = 0  # characters of the line now on the terminal
         self.passes = passes
         self.pass_no = 0
+        self.sync = sync
 
     def __call__(self, done: int, total: int, _tokens=None) -> None:
         if self.quiet:
             return
         now = self.clock()
-        if self.tracker.add(done, total, now):
+        if self.tracker.starts_pass(done, total):
             self.pass_no += 1
             self.last_write = None  # a new panel is reported at once
         last = total > 0 and done >= total
         interval = TTY_INTERVAL_S if self.tty else PLAIN_INTERVAL_S
         if not last and self.last_write is not None and now - self.last_write < interval:
             return
+        if self.sync is not None:
+            self.sync()
+            now = self.clock()
+        self.tracker.add(done, total, now)
         self.last_write = now
         text = progress_text(done, total, self.tracker.rate, now - self.started, self.tracker.eta)
         if self.passes:

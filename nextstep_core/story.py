@@ -16,6 +16,8 @@ from typing import Optional
 
 import torch
 
+from . import backbone as backbone_module
+from .devices import check_finite
 from .engine import SamplingSettings, TokenCallback, TokenLoop, noise_for
 from .errors import SettingsError
 from .images import check_size
@@ -106,15 +108,19 @@ class Storyboard:
             raise SettingsError(
                 f"Panel {len(ctx.segments) + 1} would make the story {need} tokens long; the model's limit is "
                 f"{limit}. Start a new story or use smaller panels ({n} tokens each now).")
+        # padded like the text-to-image cache where attention is (CUDA): the captured step attends it whole
+        slots = bb.padded_cache_len(need, sampling.exact) if backbone_module.pads_attention(dev) else need
         if ctx.cache is None:
-            cache = bb.new_cache(ids.shape[0], need)
+            cache = bb.new_cache(ids.shape[0], slots)
         else:
-            cache = ctx.cache.grown(need, dev)
+            cache = ctx.cache.grown(slots, dev)
         kv = None if sampling.exact else cache.length + ids.shape[1]
         hidden = bb.prefill(bb.embed(ids.to(dev)), mask.to(dev), cache, kv)[:, -1]
+        check_finite(hidden, bb.dtype, f"after reading panel {len(ctx.segments) + 1}'s prompt")
         noise = noise_for(sampling, make_generator(seed), 1, 1, bb.cfg.token_dim, dev, n)
         loop = TokenLoop(bb, self.pipe.head, sampling)
         tokens = loop.run(hidden, cache, ctx.cfg_mult, n, noise, callback)
+        check_finite(tokens, bb.dtype, f"while drawing panel {len(ctx.segments) + 1}")
         loop.feed_last(tokens, cache, ctx.cfg_mult)  # the step a single image skips: the story goes on
         seg = Segment(ids, mask, tokens[0].cpu(), grid)
         new = StoryContext(ctx.cfg_mult, ctx.negative, ctx.style, cache, ctx.segments + [seg])

@@ -104,3 +104,41 @@ def test_a_kept_capture_hands_its_slots_back_to_a_story(tiny_pipeline, monkeypat
         graphs.release(tiny_pipeline.backbone)
     for a, b in zip(kept, plain):
         assert torch.equal(a.tokens, b.tokens) and a.context.length == b.context.length
+
+
+def test_no_memory_for_the_captures_own_cache_falls_back_to_eager(tiny_pipeline, monkeypatch):
+    """The capture's KV cache is an optimisation's: failing to allocate it must not fail the run."""
+    from nextstep_core.backbone import Backbone
+    s = SamplingSettings(steps=2, cfg=3.0, exact=True)
+    req = Request(["a", "b"], 32, 32, seed=6, sampling=s)
+    plain = tiny_pipeline.run(req).tokens
+    captures = kept_captures(monkeypatch)
+    real = Backbone.new_cache
+
+    def no_room_for_a_second(self, batch, max_len):
+        if not hasattr(self, "_one_cache_given"):
+            self._one_cache_given = True
+            return real(self, batch, max_len)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+    monkeypatch.setattr(Backbone, "new_cache", no_room_for_a_second)
+    try:
+        with pytest.warns(UserWarning, match="running eagerly"):
+            got = tiny_pipeline.run(req).tokens
+    finally:
+        del tiny_pipeline.backbone._one_cache_given
+        graphs.release(tiny_pipeline.backbone)
+    assert torch.equal(got, plain) and not captures
+
+
+def test_compiled_head_step_compiles_once_for_every_prompt_length(tiny_pipeline):
+    """dynamo guards on its inputs' strides and on the attributes it creates: the hidden state a
+    prompt leaves must not carry the prompt's length in its strides, and nothing may be created
+    inside the traced step, or each new prompt (and the first step after it) compiles again."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    s = SamplingSettings(steps=2, cfg=3.0, compile="eager")
+    for seed, prompt in enumerate(["a", "a red cup on a table by the sea", "x y", "one two three four five"]):
+        tiny_pipeline.run(Request([prompt], 32, 32, seed=seed, sampling=s))
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    torch._dynamo.reset()

@@ -90,3 +90,30 @@ def test_a_hosts_weight_budget_caps_the_resident_layers():
     assert capped.kv_bytes == whole.kv_bytes  # the run's own needs do not change
     assert within(whole, 0.1).resident == 0  # --novram: ComfyUI grants nothing, every layer streams
     assert within(decide("int8", 12), 0.1).resident == 0
+
+
+def test_bytes_on_a_device_count_shared_buffers_once(tiny_model):
+    """What a backbone already holds on a device is room for placing it again there."""
+    from nextstep_core.memory import bytes_on
+    from nextstep_core.fused import fused_linear
+    bb, _ = load_backbone(tiny_model)
+    held = sum(t.numel() * t.element_size() for t in bb.state_dict().values())
+    assert bytes_on(bb, "cpu") == held and bytes_on(bb, "meta") == 0
+    attn = bb.layers[0].self_attn
+    fused_linear([attn.q_proj, attn.k_proj, attn.v_proj])  # q, k, v weights become views of one buffer
+    assert bytes_on(bb, "cpu") == held
+
+
+def test_a_capture_is_counted_and_never_makes_layers_stream():
+    """The kept CUDA graph step holds a second KV cache: counted where there is room for it; where only
+    it does not fit, the backbone stays whole and the image runs eagerly."""
+    whole = decide("int8", 48, graphs=True)
+    assert whole.streamed == 0 and whole.capture_bytes == whole.kv_bytes > 0
+    assert whole.device_bytes == decide("int8", 48).device_bytes + whole.kv_bytes
+    plain = decide("int8", 24)
+    tight = int((plain.device_bytes + plain.kv_bytes // 2) / GiB * 1e6) / 1e6  # room for all but the capture
+    eager = decide("int8", tight, graphs=True)
+    assert eager.streamed == 0 and eager.capture_bytes == 0
+    streamed = decide("int8", 12, graphs=True)
+    assert streamed.streamed > 0 and streamed.capture_bytes == 0
+    assert decide("int8", 48, graphs=True, gpu_layers=47).capture_bytes == 0

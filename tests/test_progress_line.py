@@ -130,6 +130,27 @@ def test_storyboard_panels_are_counted():
     assert re.fullmatch(r"panel 2/3 · 8/8 tokens · 8\.00 tok/s · 0:02 elapsed · done", lines[-1])
 
 
+def test_on_a_gpu_the_speed_counts_tokens_done_not_tokens_queued():
+    """The loop queues a token every 1/64 s while the device computes one every 1/8 s: the line waits
+    for the device before it reads the time, once per line written, never per token."""
+    clock, out = Clock(), io.StringIO()
+    start = clock.t
+    device = {"queued": 0, "syncs": 0}
+
+    def sync():  # the device finishes token k at start + k/8 s
+        device["syncs"] += 1
+        clock.t = max(clock.t, start + device["queued"] * STEP)
+    line = ProgressLine(out, clock=clock, sync=sync)
+    for k in range(1, 401):
+        clock.t += STEP / 8
+        device["queued"] = k
+        line(k, 400)
+    lines = out.getvalue().splitlines()
+    assert lines[-1] == "400/400 tokens · 8.00 tok/s · 0:50 elapsed · done"
+    assert all(" 8.00 tok/s" in ln for ln in lines[1:]), lines
+    assert device["syncs"] == len(lines) < 20
+
+
 def run_cli(*args):
     import subprocess
     import sys

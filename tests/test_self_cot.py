@@ -1,6 +1,4 @@
 """Self-CoT: the model reasons in a thinking span before it draws."""
-from dataclasses import replace
-
 import pytest
 import torch
 
@@ -97,6 +95,13 @@ def test_the_unconditional_rows_are_unchanged_by_reasoning(tiny_pipeline):
     assert not torch.allclose(cot[0], plain[0], atol=1e-4)
 
 
+def test_an_empty_negative_prompt_reasons_and_draws(tiny_pipeline):
+    """The unconditional row then holds nothing before the image prefix, as in a plain run."""
+    out = tiny_pipeline.run(Request(["a red cube"], 32, 32, negative="", seed=11, sampling=QUICK,
+                                    reasoning=ReasoningSettings(mode="think", max_tokens=3)))
+    assert out.tokens.shape == (1, 4, 64) and torch.isfinite(out.tokens).all()
+
+
 def test_refine_mode_uses_the_prompt_refinement_span(tiny_pipeline):
     out = tiny_pipeline.run(req(ReasoningSettings(mode="refine", text="a glossy red cube")))
     assert "<|begin_of_prompt_refinement|>a glossy red cube<|end_of_prompt_refinement|>" in out.rows.texts[0]
@@ -128,8 +133,3 @@ def test_reasoning_reports_each_text_token_and_can_be_cancelled(tiny_pipeline):
         bb.lm_head = old
     assert seen == [(1, 5), (2, 5)]
 
-
-def test_an_empty_negative_prompt_with_reasoning(tiny_pipeline):
-    """Nothing to prefill on the unconditional rows (an empty negative prompt) is not an error."""
-    r = replace(req(ReasoningSettings(mode="think", max_tokens=4)), negative="")
-    assert tiny_pipeline.run(r).images.shape == (1, 32, 32, 3)

@@ -5,11 +5,15 @@ Every image token runs every layer once, so a streamed layer crosses PCIe once p
 this module moves them:
 
 - Only the resident layers (and the small non-layer parts) are moved to the device; streamed
-  layers go from wherever they were loaded (CPU RAM) into one host buffer, so a card smaller than
-  the model never holds it whole, not even while loading.
-- The host buffer is ordinary memory registered with CUDA (`cudaHostRegister`), not taken from
-  torch's pinned caching allocator, which rounds every block up to a power of two (a 550 MB layer
-  would pin 1 GB).
+  layers go from wherever they were loaded (CPU RAM) into one host buffer each, so a card smaller
+  than the model never holds it whole, not even while loading.
+- A host buffer is ordinary memory registered with CUDA (`cudaHostRegister`, under the streaming
+  device so that device's context sees it pinned), not taken from torch's pinned caching
+  allocator, which rounds every block up to a power of two (a 550 MB layer would pin 1 GB).
+- Placing the backbone again (another layer count, after `remove`) keeps the host buffer of every
+  layer that streams in both placements, frees those of layers that become resident before any
+  new buffer is made, and makes buffers only for layers newly streamed: RAM never holds two
+  copies of the streamed layers.
 - Copies land in two preallocated device buffers used in turn: the copy of the next layer waits
   (on the copy stream) for an event recorded after the layer that last used its buffer, and
   compute waits for the copy's event. Nothing is allocated per token and nothing syncs the host,
@@ -46,18 +50,40 @@ def _view(flat: torch.Tensor, start: int, nbytes: int, like: torch.Tensor) -> to
 
 
 class _Registered:
-    """Page-locks an ordinary host tensor in place, exactly its size, and unlocks it on release."""
+    """Page-locks an ordinary host tensor in place, exactly its size, for `device`'s context, and
+    unlocks it on release."""
 
-    def __init__(self, flat: torch.Tensor):
-        self.flat, self.done = flat, False
-        err = torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), flat.numel(), 0)
+    def __init__(self, flat: torch.Tensor, device):
+        self.flat, self.device, self.done = flat, torch.device(device), False
+        with torch.cuda.device(self.device):
+            err = torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), flat.numel(), 0)
         if int(err) != 0:
             raise RuntimeError(f"cudaHostRegister failed ({err})")
 
     def release(self) -> None:
         if not self.done:
-            torch.cuda.cudart().cudaHostUnregister(self.flat.data_ptr())
+            with torch.cuda.device(self.device):
+                torch.cuda.cudart().cudaHostUnregister(self.flat.data_ptr())
             self.done = True
+
+
+def _kept_host_copy(layer, spans, span: int, device: torch.device):
+    """The layer's host buffer when an earlier placement for `device` left its parameters as views
+    of one, laid out as `spans` (then nothing is copied or allocated); else None."""
+    if getattr(layer, "_nextstep_host_for", None) != device:
+        return None
+    params = list(layer.parameters())
+    if not params or len(params) != len(spans) or params[0].device.type != "cpu":
+        return None
+    storage = params[0].untyped_storage()
+    if storage.nbytes() != span:
+        return None
+    base = storage.data_ptr()
+    for p, (off, n) in zip(params, spans):
+        if (p.device.type != "cpu" or p.untyped_storage().data_ptr() != base or p.data_ptr() != base + off
+                or p.numel() * p.element_size() != n or not p.is_contiguous()):
+            return None
+    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, (span,))
 
 
 class LayerStreamer:
@@ -73,34 +99,45 @@ class LayerStreamer:
             if name != "layers":
                 child.to(self.device)
         for layer in layers[:resident]:
-            layer.to(self.device)
+            layer.to(self.device)  # a host buffer it had from an earlier placement is freed here
+            layer.__dict__.pop("_nextstep_host_for", None)
         # A layer is configured for the device (e.g. int4 repacked for its kernel) by moving it there
-        # once, one layer at a time, and its bytes are then kept in the host buffer.
+        # once, one layer at a time, and its bytes are then kept in its host buffer.
         spans, self.span = _layout(self.streamed[0]) if self.streamed else ([], 0)
-        self.host = torch.empty(self.span * len(self.streamed), dtype=torch.uint8)
+        self.hosts: dict[int, torch.Tensor] = {}
         self.views: dict[int, list[torch.Tensor]] = {}
-        for i, layer in enumerate(self.streamed):
+        for layer in self.streamed:
+            host = _kept_host_copy(layer, spans, self.span, self.device)
+            if host is not None:
+                self.hosts[id(layer)] = host
+                self.views[id(layer)] = [p.data for p in layer.parameters()]
+                continue
             layer.to(self.device)
             for m in layer.modules():  # weights in the layout the device computes with (int4), before copying
                 if hasattr(m, "prepare"):
                     m.prepare()
-            base = i * self.span
+            host = self.hosts[id(layer)] = torch.empty(self.span, dtype=torch.uint8)
             views = []
             for p, (off, n) in zip(layer.parameters(), spans):
-                v = _view(self.host, base + off, n, p.data)
+                v = _view(host, off, n, p.data)
                 v.copy_(p.data)
                 p.data = v
                 views.append(v)
             self.views[id(layer)] = views
+            layer._nextstep_host_for = self.device
         self.spans = spans
-        self.pinned = None
+        self.pinned = []
         if cuda and self.streamed:
             try:
-                self.pinned = _Registered(self.host)
+                for host in self.hosts.values():
+                    self.pinned.append(_Registered(host, self.device))
             except (RuntimeError, AttributeError) as exc:  # e.g. a locked-memory limit in a container
                 import warnings
-                warnings.warn(f"Could not page-lock {self.host.numel() / 2**30:.1f} GiB for streaming ({exc}); "
-                              "copies will not overlap compute, so streaming is slower.")
+                for r in self.pinned:
+                    r.release()
+                self.pinned = []
+                warnings.warn(f"Could not page-lock {self.span * len(self.streamed) / 2**30:.1f} GiB for streaming "
+                              f"({exc}); copies will not overlap compute, so streaming is slower.")
         self.slots = [torch.empty(self.span, dtype=torch.uint8, device=self.device) for _ in range(2)]
         self.stream = torch.cuda.Stream(self.device) if cuda else None
         self.slot_free = [None, None]   # event: the layer that last used slot k has run
@@ -123,7 +160,7 @@ class LayerStreamer:
         if id(layer) in self.ready:
             return
         k, self.turn = self.turn, 1 - self.turn
-        src = self.host[self.index[id(layer)] * self.span:(self.index[id(layer)] + 1) * self.span]
+        src = self.hosts[id(layer)]
         if self.stream is None:
             self.slots[k].copy_(src)
             self.ready[id(layer)] = (k, None)
@@ -168,17 +205,21 @@ class LayerStreamer:
                 p.data = h
 
     def remove(self) -> None:
-        """Remove the hooks. The streamed layers stay in CPU RAM (unregistered, still one buffer): moving
-        them onto a card they did not fit on is the caller's decision (`backbone.to(...)`)."""
+        """Remove the hooks. The streamed layers stay in CPU RAM (unregistered, one buffer each, which a
+        later placement for the same device reuses): moving them onto a card they did not fit on is
+        the caller's decision (`backbone.to(...)`). This object lets go of the buffers, so a layer's
+        buffer lives exactly as long as the layer's parameters point into it."""
         for h in self.handles:
             h.remove()
         self.handles.clear()
         if self.stream is not None:
             torch.cuda.current_stream(self.device).synchronize()
         self.reset()
-        if self.pinned is not None:
-            self.pinned.release()
+        for r in self.pinned:
+            r.release()
+        self.pinned = []
         self.slots = []
+        self.hosts, self.views, self.ready = {}, {}, {}
         self.backbone.streamer = None
 
 
@@ -193,6 +234,8 @@ def stream_layers(backbone: Backbone, gpu_layers: int, device=None, plan: Memory
     device = torch.device(device) if device is not None else backbone.device
     if backbone.streamer is not None:
         backbone.streamer.remove()
+    from ..graphs import release
+    release(backbone)  # a kept capture cannot run with streamed layers: its KV cache goes now
     if gpu_layers == n:
         backbone.to(device)
         return None
