@@ -1,182 +1,207 @@
-"""The device check: full-size NextStep shapes (random weights: 48 layers, hidden 5120, GQA 40/8,
-MLP 13824; flow head 1536 x 12) at 512x512, cfg 7.5, 28 steps, for bf16 / int8 / fp8 / int4
-decoder weights with CUDA graphs off and on; then the GPU capped at 8 / 12 / 16 / 24 GB
-(`set_per_process_memory_fraction`), the backbone placed by the memory model, the rest streamed.
+"""The device check: one run that shows the engine's GPU paths are right, by comparing tokens, and
+how fast they are. Random weights at NextStep's full shapes (48 layers, hidden 5120, GQA 40/8, MLP
+13824; flow head 1536 x 12), a 512x512 image with CFG 7.5, 28 steps; nothing is downloaded.
 
-    python bench/gpu_check.py                      # one H200: about 6-7 minutes
-    python bench/gpu_check.py --small --device cpu # toy shapes on CPU: checks the script (tests run it)
+    python bench/gpu_check.py --json gpu_check.json          # one H100 / H200: a few minutes
+    python bench/gpu_check.py --table gpu_check.json         # the markdown tables of docs/benchmarks.md
+    python bench/gpu_check.py --small --device cpu           # toy shapes on a CPU (the tests run this)
 
-Each configuration generates `--tokens` image tokens of a 512x512 image (after a short warm-up)
-and extrapolates seconds per image as prefill + 1024 x ms/token; peak memory is torch's
-high-water mark. Streamed rows also give the bytes that cross PCIe per token.
+Rows (each isolated: a failure prints its exception and FAIL, and the next row still runs):
+  graph        CUDA graph vs eager, bf16; speed of both
+  sdpa         the SDPA kernel of each call site (prefill, token step at 3 lengths, captured step, Self-CoT)
+  streamed     CLI layer streaming (a sixth of the layers from registered RAM) vs resident
+  offload      memory_allocated before the weights, after an image, after moving the parts to the CPU
+  paged        layers in RAM paged in per layer by a layer_runner (run_device set, paged=True) vs
+               resident: what ComfyUI's dynamic VRAM does, as far as it runs without ComfyUI
+  int8/fp8/int4  the device's quantized kernels vs the same weights dequantized; CUDA graph vs eager
+  alloc-async  graph, offload and paged again in a child process under
+               PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync (ComfyUI's allocator)
+  cuda1        graph on cuda:1 in a child process, where there are two GPUs
+
+Tokens are compared over the first 8 image tokens (relative error per token, bounds stated in
+gpu_check_support.BOUNDS). Speed: ms/token over `--tokens` tokens after the first two, against the
+floor (bytes a token must read / the measured device-to-device copy bandwidth); s/image = prefill +
+1024 x ms/token; peak GB = torch's high-water mark. Every figure goes to the `--json` file; the
+summary prints one ok / FAIL / skip line per row, and the exit status is 1 when a row failed.
 """
 from __future__ import annotations
 
 import argparse
-import gc
+import functools
+import json
+import os
+import subprocess
 import sys
+import tempfile
+import threading
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nextstep_core.backbone import Backbone  # noqa: E402
-from nextstep_core.config import BackboneConfig, FlowHeadConfig  # noqa: E402
-from nextstep_core.engine import SamplingSettings, TokenLoop, noise_for  # noqa: E402
-from nextstep_core.flow_head import FlowHead  # noqa: E402
-from nextstep_core.memory import GiB, plan  # noqa: E402
-from nextstep_core.noise import make_generator  # noqa: E402
-from nextstep_core.weights.streaming import stream_layers  # noqa: E402
-from nextstep_core.weights.quant import quantize_layer  # noqa: E402
+from bench.gpu_check_rows import ROWS, Check, Skip, clear_workspaces  # noqa: E402
+from bench.gpu_check_support import (BOUNDS, CFG, COMPARE, FULL, IMAGE_TOKENS, PROMPT, SMALL,  # noqa: E402
+                                     Figures, copy_bandwidth, free_device, host_bandwidth)
+from bench.gpu_check_table import table  # noqa: E402
 
-FULL = dict(hidden=5120, layers=48, heads=40, kv=8, mlp=13824, head_width=1536, head_layers=12, vocab=152064)
-SMALL = dict(hidden=256, layers=6, heads=4, kv=2, mlp=512, head_width=128, head_layers=2, vocab=512)
-IMAGE_TOKENS = 1024  # 512x512
-PROMPT = 64
+CHILD_ROWS = "graph,offload,paged"
+ASYNC = "backend:cudaMallocAsync"
+ORDER = [*ROWS, "alloc-async", "cuda1"]  # the child processes last: by then this one holds no weights
+CHILD_LIMIT_S = 420  # a child that hangs is killed (and its row fails) rather than holding the check
 
 
-class Enough(Exception):
-    """Raised from the token callback once the timed tokens are done."""
+def child(ck: Check, fig: Figures, args, device: str, rows: str, env: dict) -> dict:
+    """Run this script again for `rows` on `device` with `env` added; its output is shown as it comes,
+    its JSON returned. The parent drops its weights first, so the child has the card to itself."""
+    ck.drop_parts()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "child.json")
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--device", device, "--rows", rows, "--json", out,
+               "--steps", str(args.steps), "--tokens", str(args.tokens)] + (["--small"] if args.small else []) + (
+                   ["--dtype", args.dtype] if args.dtype else [])
+        print(f"    child: {' '.join(f'{k}={v}' for k, v in env.items())} {' '.join(cmd[1:])}", flush=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, **env})
+        timer = threading.Timer(CHILD_LIMIT_S, proc.kill)
+        timer.start()
+        try:
+            for line in proc.stdout:
+                print(f"    | {line.rstrip()}", flush=True)
+            proc.wait()
+        finally:
+            timer.cancel()
+            if proc.poll() is None:
+                proc.kill()
+        if not os.path.exists(out):
+            raise RuntimeError(f"the child process exited with status {proc.returncode} without its JSON")
+        report = json.load(open(out, encoding="utf-8"))
+    fig.values["child"] = report
+    for name, row in report["rows"].items():
+        fig.check(f"{name} in the child", not row["status"].startswith("FAIL"), row["status"])
+    return report
 
 
-def config(shape) -> BackboneConfig:
-    return BackboneConfig(hidden_size=shape["hidden"], num_layers=shape["layers"], num_heads=shape["heads"],
-                          num_kv_heads=shape["kv"], head_dim=shape["hidden"] // shape["heads"],
-                          intermediate_size=shape["mlp"], vocab_size=shape["vocab"], rope_theta=1e6)
+def alloc_async(ck: Check, fig: Figures, args) -> None:
+    """graph, offload and paged again in a child process under PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync
+    (ComfyUI's default allocator). Off CUDA the child still runs (the rows it can run are compared)."""
+    report = child(ck, fig, args, args.device, CHILD_ROWS, {"PYTORCH_CUDA_ALLOC_CONF": ASYNC})
+    if not ck.cuda:
+        if not fig.failed:
+            raise Skip("needs CUDA")
+        return
+    fig.check("allocator in the child", report.get("allocator") == "cudaMallocAsync", str(report.get("allocator")))
 
 
-def _randomize(module, device, dtype):
-    module.to_empty(device=device)
-    for p in module.parameters():
-        p.data = (torch.randn(p.shape, device=device) * (0.5 / p.shape[-1] ** 0.5)).to(dtype)
+def cuda1(ck: Check, fig: Figures, args) -> None:
+    """CUDA graph vs eager on the second GPU, in a child process (the current device stays cuda:0
+    there: streams, synchronisation and capture must follow the run's device)."""
+    if not ck.cuda:
+        raise Skip("needs CUDA")
+    if torch.cuda.device_count() < 2:
+        raise Skip("needs 2 GPUs")
+    other = 1 if (ck.device.index or 0) == 0 else 0
+    child(ck, fig, args, f"cuda:{other}", "graph", {})
 
 
-def build(shape, device, dtype, fmt, layers_on):
-    """Layer by layer (random, quantized where it was made), each layer then moved to `layers_on`:
-    a capped run keeps them in RAM, as a real load for streaming does."""
-    with torch.device("meta"):
-        bb = Backbone(config(shape))
-        head = FlowHead(FlowHeadConfig(64, shape["hidden"], shape["head_width"], shape["head_layers"]))
-    for name, child in bb.named_children():
-        if name != "layers":
-            _randomize(child, device, dtype)
-    for layer in bb.layers:
-        _randomize(layer, device, dtype)
-        if fmt != "bf16":
-            quantize_layer(layer, fmt)
-        layer.to(layers_on)
-    _randomize(head, device, dtype)
-    return bb.eval(), head.eval()
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed_tokens(bb, head, device, tokens, graphs, steps=28) -> tuple[float, float]:
-    """-> (prefill seconds, seconds per image token) over `tokens` tokens of a 512x512 image."""
-    s = SamplingSettings(cfg=7.5, steps=steps, cuda_graphs=graphs)
-    ids = torch.randint(0, 500, (2, PROMPT), device=device)
-    stamps = []
-
-    def stop(done, total, _tok):
-        if done in (2, 2 + tokens):  # the first two tokens include capture and the kernels' first use
-            sync(device)
-            stamps.append(time.perf_counter())
-        if done == 2 + tokens:
-            raise Enough
-    sync(device)
-    t0 = time.perf_counter()
-    cache = bb.new_cache(2, PROMPT + IMAGE_TOKENS)
-    hidden = bb.prefill(bb.embed(ids), torch.ones_like(ids), cache, PROMPT)[:, -1]
-    sync(device)
-    prefill = time.perf_counter() - t0
-    noise = noise_for(s, make_generator(0), 1, 1, 64, device, IMAGE_TOKENS)
+def run_row(name: str, fn, ck: Check) -> dict:
+    doc = getattr(fn, "func", fn).__doc__ or ""
+    print(f"\n== {name}: {' '.join(doc.split()).replace('{dtype}', ck.label)}", flush=True)
+    fig, t0 = Figures(), time.perf_counter()
     try:
-        TokenLoop(bb, head, s).run(hidden, cache, 2, IMAGE_TOKENS, noise, callback=stop)
-    except Enough:
-        pass
-    return prefill, (stamps[1] - stamps[0]) / tokens
+        fn(ck, fig)
+        status, note = ("FAIL", "; ".join(fig.failed)) if fig.failed else ("ok", "")
+    except Skip as why:
+        status, note = f"skip ({why})", ""
+    except Exception as exc:  # the row failed; the next one runs
+        traceback.print_exc(file=sys.stdout)
+        status, note = "FAIL", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if ck.cuda:
+            try:  # after a CUDA error the context may refuse even this; the next row then says so
+                torch.cuda.synchronize(ck.device)
+                free_device(ck.device)
+            except Exception as again:
+                print(f"    after the failure: {type(again).__name__}: {again}", flush=True)
+    seconds = time.perf_counter() - t0
+    print(f"{status}  {name}  ({seconds:.1f} s){'  ' + note if note else ''}", flush=True)
+    return dict(status=status, note=note, seconds=seconds, **fig.values)
 
 
-def peak_gb(device) -> float:
-    return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
-
-
-def reset(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def main(argv=None):
+def parse(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                    help="default: bfloat16 on CUDA, float32 elsewhere")
     ap.add_argument("--small", action="store_true", help="toy shapes (checks the script, not the GPU)")
-    ap.add_argument("--tokens", type=int, default=64, help="timed image tokens per configuration")
-    ap.add_argument("--steps", type=int, default=28, help="flow steps per token (fewer only to check the script)")
-    ap.add_argument("--formats", default="bf16,int8,fp8,int4")
-    ap.add_argument("--caps", default="8,12,16,24", help="GB the GPU is capped to for the streaming rows")
-    ap.add_argument("--cap-formats", default="int8,int4")
+    ap.add_argument("--steps", type=int, default=28, help="flow steps per token")
+    ap.add_argument("--tokens", type=int, default=64, help="timed image tokens per speed figure")
+    ap.add_argument("--rows", default=",".join(ORDER), help=f"comma-separated subset of: {', '.join(ORDER)}")
+    ap.add_argument("--json", default="gpu_check.json", help="where the figures are written (default: "
+                    "gpu_check.json in the current folder)")
+    ap.add_argument("--table", metavar="JSON", help="print the markdown tables made from such a file, and stop")
+    ap.add_argument("--fault", action="append", default=[], metavar="ROW[:raise]",
+                    help="for the tests only: break ROW on purpose (its candidate run reads a perturbed input, or "
+                         "with :raise it raises), to show that the row FAILs and the next one still runs")
     args = ap.parse_args(argv)
+    rows = [r for r in args.rows.split(",") if r]
+    unknown = [r for r in rows if r not in ORDER]
+    if unknown:
+        ap.error(f"unknown row(s) {', '.join(unknown)}: choose from {', '.join(ORDER)}")
+    unknown = [f for f in args.fault if f.split(":")[0] not in ROWS or f.count(":") > 1 or
+               (":" in f and not f.endswith(":raise"))]
+    if unknown:
+        ap.error(f"--fault {unknown[0]}: use ROW or ROW:raise, ROW one of {', '.join(ROWS)}")
+    return args, rows
+
+
+def main(argv=None) -> int:
+    args, rows = parse(argv)
+    if args.table:
+        print(table(json.load(open(args.table, encoding="utf-8"))))
+        return 0
     device = torch.device(args.device)
-    shape = SMALL if args.small else FULL
-    cfg = config(shape)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 matmuls on a CPU are slow
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"{'small' if args.small else 'full-size'} shapes ({cfg.num_layers} layers, hidden {cfg.hidden_size}), "
-          f"512x512 ({IMAGE_TOKENS} tokens), cfg 7.5, {args.steps} steps; {args.tokens} tokens timed per row; {name}, torch "
-          f"{torch.__version__}\n")
-    print("| decoder weights | cuda graphs | s/image | ms/token | prefill s | peak GB |")
-    print("|---|---|---|---|---|---|")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU; use "
+                         "--small --device cpu to check the script on a CPU.")
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
+    faults = {f.split(":")[0]: "raise" if f.endswith(":raise") else "tokens" for f in args.fault}
+    ck = Check(device, dtype, SMALL if args.small else FULL, args.steps, args.tokens, faults)
+    name = torch.cuda.get_device_name(device) if ck.cuda else "cpu"
+    allocator = torch.cuda.memory.get_allocator_backend() if ck.cuda else None
+    print(f"{name}, torch {torch.__version__}{', allocator ' + allocator if allocator else ''}; "
+          f"{'small' if args.small else 'full-size'} shapes {ck.shape}, {ck.label}, 512x512 ({IMAGE_TOKENS} tokens), "
+          f"cfg {CFG}, {args.steps} steps, prompt {PROMPT} x 2 rows; {COMPARE} tokens compared, {args.tokens} timed")
     with torch.inference_mode():
-        for fmt in args.formats.split(","):
-            reset(device)
-            bb, head = build(shape, device, dtype, fmt, device)
-            for graphs in ("off", "on") if device.type == "cuda" else ("off",):
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                pre, per = timed_tokens(bb, head, device, args.tokens, graphs, args.steps)
-                label = fmt if fmt != "bf16" or dtype == torch.bfloat16 else "fp32"
-                print(f"| {label} | {graphs} | {pre + per * IMAGE_TOKENS:.1f} | {per * 1000:.2f} | {pre:.2f} | "
-                      f"{peak_gb(device):.1f} |", flush=True)
-            del bb, head
-        print("\n| cap GB | decoder weights | layers on GPU | streamed GB/token | s/image | ms/token | peak GB |")
-        print("|---|---|---|---|---|---|---|")
-        for fmt in args.cap_formats.split(","):
-            for cap in args.caps.split(","):
-                reset(device)
-                bb, head = build(shape, device, dtype, fmt, "cpu")
-                whole = plan(cfg, fmt if fmt != "bf16" else None, dtype.itemsize, width=512, height=512, context_tokens=PROMPT)
-                if device.type == "cuda":
-                    limit = float(cap) * 1e9
-                    torch.cuda.set_per_process_memory_fraction(limit / torch.cuda.get_device_properties(device)
-                                                               .total_memory, device)
-                    free = int(limit - torch.cuda.memory_allocated(device))
-                else:  # no cap to set: the layers' share of free memory scaled as cap / 32 GB
-                    none = plan(cfg, fmt if fmt != "bf16" else None, dtype.itemsize, width=512, height=512,
-                                context_tokens=PROMPT, gpu_layers=0)
-                    free = int(none.device_bytes + (whole.device_bytes - none.device_bytes) * float(cap) / 32)
-                try:
-                    p = plan(cfg, fmt if fmt != "bf16" else None, dtype.itemsize, width=512, height=512, context_tokens=PROMPT,
-                             free_bytes=free)
-                except Exception as exc:  # the memory model's refusal is a result too
-                    print(f"| {cap} | {fmt} | refused: {str(exc)[:90]} | | | | |", flush=True)
-                    continue
-                streamer = stream_layers(bb, p.resident, device, p)
-                pre, per = timed_tokens(bb, head, device, args.tokens, "auto", args.steps)
-                print(f"| {cap} | {fmt} | {p.resident}/{p.layers} | {p.streamed_bytes / 1e9:.3g} | "
-                      f"{pre + per * IMAGE_TOKENS:.1f} | {per * 1000:.1f} | {peak_gb(device):.1f} |", flush=True)
-                if streamer is not None:
-                    streamer.remove()
-                del bb, head, streamer
-    reset(device)
+        if ck.cuda:
+            torch.cuda.init()
+            clear_workspaces()
+            ck.start_allocated = torch.cuda.memory_allocated(device)
+        size = (64 if args.small else 1024) * 2 ** 20
+        ck.copy_gbps = copy_bandwidth(device, size)
+        ck.host_gbps = host_bandwidth(device, size // 4)
+        free_device(device)
+        print(f"copy bandwidth {ck.copy_gbps:.0f} GB/s (device to device, read + write)"
+              + (f"; host to device {ck.host_gbps:.1f} GB/s (page-locked)" if ck.host_gbps else ""))
+        results = {}
+        for row in [r for r in ORDER if r in rows]:
+            fn = ROWS.get(row) or functools.partial(alloc_async if row == "alloc-async" else cuda1, args=args)
+            results[row] = run_row(row, fn, ck)
+    report = dict(device=name, run_device=str(device), torch=torch.__version__, allocator=allocator, shapes="small" if args.small else "full",
+                  shape=ck.shape, dtype=ck.label, steps=args.steps, cfg=CFG, prompt=PROMPT, image_tokens=IMAGE_TOKENS,
+                  compare_tokens=COMPARE, timed_tokens=args.tokens, copy_gbps=ck.copy_gbps, host_gbps=ck.host_gbps,
+                  bounds=BOUNDS, faults=faults, date=time.strftime("%Y-%m-%d"), rows=results)
+    from nextstep_core.atomic_write import atomic_file
+    with atomic_file(args.json) as tmp:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(report, fh, indent=1, default=str)
+    print("\nsummary")
+    for row, r in results.items():
+        print(f"{r['status']:<22} {row}{'  ' + r['note'] if r['note'] else ''}")
+    print(f"figures: {args.json}")
+    return 1 if any(r["status"] == "FAIL" for r in results.values()) else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
