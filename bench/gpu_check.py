@@ -46,6 +46,7 @@ from bench.gpu_check_rows import ROWS, Check, Skip, clear_workspaces  # noqa: E4
 from bench.gpu_check_support import (BOUNDS, CFG, COMPARE, FULL, IMAGE_TOKENS, PROMPT, SMALL,  # noqa: E402
                                      Figures, copy_bandwidth, free_device, host_bandwidth)
 from bench.gpu_check_table import table  # noqa: E402
+from nextstep_core.memory import free_bytes  # noqa: E402
 
 CHILD_ROWS = "graph,offload,paged"
 ASYNC = "backend:cudaMallocAsync"
@@ -178,6 +179,7 @@ def main(argv=None) -> int:
             torch.cuda.init()
             clear_workspaces()
             ck.start_allocated = torch.cuda.memory_allocated(device)
+            ck.start_free = free_bytes(device)
         size = (64 if args.small else 1024) * 2 ** 20
         ck.copy_gbps = copy_bandwidth(device, size)
         ck.host_gbps = host_bandwidth(device, size // 4)
@@ -188,7 +190,8 @@ def main(argv=None) -> int:
         for row in [r for r in ORDER if r in rows]:
             fn = ROWS.get(row) or functools.partial(alloc_async if row == "alloc-async" else cuda1, args=args)
             results[row] = run_row(row, fn, ck)
-    report = dict(device=name, run_device=str(device), torch=torch.__version__, allocator=allocator, shapes="small" if args.small else "full",
+    report = dict(device=name, run_device=str(device), torch=torch.__version__, allocator=allocator,
+                  shapes="small" if args.small else "full",
                   shape=ck.shape, dtype=ck.label, steps=args.steps, cfg=CFG, prompt=PROMPT, image_tokens=IMAGE_TOKENS,
                   compare_tokens=COMPARE, timed_tokens=args.tokens, copy_gbps=ck.copy_gbps, host_gbps=ck.host_gbps,
                   bounds=BOUNDS, faults=faults, date=time.strftime("%Y-%m-%d"), rows=results)

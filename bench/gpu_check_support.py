@@ -255,7 +255,8 @@ class Figures:
     def speed(self, entry: dict) -> None:
         self.values.setdefault("speed", []).append(entry)
         ms = entry["ms_per_token"]
-        extra = "" if ms is None else f"{ms:.2f} ms/token (floor {entry['floor_ms']:.2f}), {entry['s_per_image']:.1f} s/image, "
+        extra = "" if ms is None else (f"{ms:.2f} ms/token (floor {entry['floor_ms']:.2f}), "
+                                       f"{entry['s_per_image']:.1f} s/image, ")
         peak = "" if entry["peak_gb"] is None else f", peak {entry['peak_gb']:.1f} GB"
         print(f"    {entry['weights']} {entry['path']}: {extra}prefill {entry['prefill_s']:.2f} s{peak}", flush=True)
 

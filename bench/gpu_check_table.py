@@ -14,7 +14,7 @@ def _flatten(rows: dict, prefix: str = "", suffix: str = ""):
         yield prefix + name, row, suffix
         report = row.get("child")
         if report:
-            tag = (report.get("allocator") or "no CUDA allocator") if name == "alloc-async" else report.get("run_device")
+            tag = report.get("run_device") if name != "alloc-async" else report.get("allocator") or "no CUDA allocator"
             yield from _flatten(report["rows"], f"{prefix}{name}/", f"{suffix}, {tag}")
 
 
@@ -39,6 +39,7 @@ def table(report: dict) -> str:
     out += ["", "| decoder weights | path | ms/token | floor ms/token | s/image | prefill s | peak GB |",
             "|---|---|---|---|---|---|---|"]
     for s in speeds:
-        out.append(f"| {s['weights']} | {s['path']} | {_num(s['ms_per_token'], '.2f')} | {_num(s['floor_ms'], '.2f')} | "
-                   f"{_num(s['s_per_image'], '.1f')} | {_num(s['prefill_s'], '.2f')} | {_num(s['peak_gb'], '.1f')} |")
+        out.append(f"| {s['weights']} | {s['path']} | {_num(s['ms_per_token'], '.2f')} | "
+                   f"{_num(s['floor_ms'], '.2f')} | {_num(s['s_per_image'], '.1f')} | {_num(s['prefill_s'], '.2f')} | "
+                   f"{_num(s['peak_gb'], '.1f')} |")
     return "\n".join(out)
