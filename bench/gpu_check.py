@@ -78,7 +78,8 @@ def child(ck: Check, fig: Figures, args, device: str, rows: str, env: dict) -> d
                 proc.kill()
         if not os.path.exists(out):
             raise RuntimeError(f"the child process exited with status {proc.returncode} without its JSON")
-        report = json.load(open(out, encoding="utf-8"))
+        with open(out, encoding="utf-8") as fh:
+            report = json.load(fh)
     fig.values["child"] = report
     for name, row in report["rows"].items():
         fig.check(f"{name} in the child", not row["status"].startswith("FAIL"), row["status"])
@@ -160,7 +161,8 @@ def parse(argv):
 def main(argv=None) -> int:
     args, rows = parse(argv)
     if args.table:
-        print(table(json.load(open(args.table, encoding="utf-8"))))
+        with open(args.table, encoding="utf-8") as fh:
+            print(table(json.load(fh)))
         return 0
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
