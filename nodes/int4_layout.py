@@ -37,9 +37,10 @@ ALGO = {"storage_t": torch.uint8, "parameters": {"weight_scale"}, "comfy_tensor_
 
 @functools.lru_cache(maxsize=1)
 def layout_class():
-    """The layout, built on comfy-kitchen alone (ImportError without it); its ops are registered
-    with kitchen's dispatcher here, once."""
-    from comfy_kitchen.tensor import QuantizedLayout, QuantizedTensor, register_layout_op
+    """The layout, built on comfy-kitchen alone (ImportError without it) and registered with
+    kitchen's dispatcher here, once: the layout by name (ComfyUI's `register_layout_class` is this
+    same registry) and its ops."""
+    from comfy_kitchen.tensor import QuantizedLayout, QuantizedTensor, register_layout_class, register_layout_op
     from comfy_kitchen.tensor.base import BaseLayoutParams, dequantize_args
 
     class NextStepInt4Layout(QuantizedLayout):
@@ -115,6 +116,7 @@ def layout_class():
             return torch.addmm(*dequantize_args(args), **dequantize_args(kwargs))
         return product(x, w, bias)
 
+    register_layout_class(LAYOUT, NextStepInt4Layout)
     return NextStepInt4Layout
 
 
