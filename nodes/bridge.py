@@ -34,6 +34,11 @@ def model_patcher_base():
     return getattr(_module("comfy.model_patcher"), "ModelPatcher", None)
 
 
+def quant_ops():
+    """comfy.quant_ops (its layout registry and QUANT_ALGOS), or None outside ComfyUI."""
+    return _module("comfy.quant_ops")
+
+
 def in_comfyui() -> bool:
     return model_management() is not None
 

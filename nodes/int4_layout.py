@@ -28,6 +28,7 @@ import json
 import torch
 
 from ..nextstep_core.weights.int4 import GROUP, dequantize, quantize_int4, stored_linear
+from . import bridge
 
 LAYOUT = "NextStepInt4Layout"
 FORMAT = "nextstep_int4"
@@ -135,11 +136,8 @@ def quantized_weight(qdata: torch.Tensor, scale: torch.Tensor, compute_dtype, de
 def register() -> bool:
     """Register the layout with ComfyUI (and comfy-kitchen); True when it worked. Safe to call
     again: registration is by name, and the ops are registered once."""
-    try:
-        import comfy.quant_ops as quant_ops
-    except ImportError:
-        return False
-    if not getattr(quant_ops, "_CK_AVAILABLE", False):  # core without comfy-kitchen has no layouts at all
+    quant_ops = bridge.quant_ops()
+    if quant_ops is None or not getattr(quant_ops, "_CK_AVAILABLE", False):  # core without comfy-kitchen has no layouts at all
         return False
     try:
         cls = layout_class()
