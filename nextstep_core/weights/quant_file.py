@@ -190,7 +190,8 @@ def save_quantized(backbone, tokenizer_folder: str, out_path: str, *, lm_head: b
     source = WeightIndex(tokenizer_folder)
     quantized = {n: m for n, m in backbone.named_modules() if isinstance(m, QUANTIZED)}
     layers, items = {}, []
-    for name, t in backbone.state_dict().items():
+    state = backbone.state_dict()
+    for name, t in state.items():
         owner, _, leaf = name.rpartition(".")
         if owner in quantized and leaf in ("weight", EARLIER_SCALE):
             if leaf == "weight":
@@ -208,9 +209,8 @@ def save_quantized(backbone, tokenizer_folder: str, out_path: str, *, lm_head: b
             raise CheckpointError(f"{tokenizer_folder}: {name} has shape {source.shapes[name]} there but "
                                   f"{tuple(t.shape)} in the backbone: pass the folder the backbone was loaded from.")
         items.append(_source_item(source, name))
-    memory = set(backbone.state_dict())
     extra = [n for n in source.keys() if n.startswith("image_head.") or (lm_head and n == "lm_head.weight")]
-    items += [_source_item(source, n) for n in sorted(extra) if n not in memory]
+    items += [_source_item(source, n) for n in sorted(extra) if n not in state]
     metadata = {"format": "pt", META_KEY: metadata_entry(layers), META_FORMAT: fmt,
                 META_CONFIG: json.dumps(config, sort_keys=True), META_VARIANT: model_variant(tokenizer_folder)}
     _write_atomic(out_path, items, metadata)
