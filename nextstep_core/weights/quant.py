@@ -284,9 +284,11 @@ def probe_fp8_matmul(device: torch.device) -> bool:
 
 
 def quantize_layer(layer: nn.Module, fmt: str) -> nn.Module:
-    """Swap a decoder layer's seven Linears for 8-bit ones; each original is dropped as soon as
-    its replacement exists, so the extra memory is one matrix, not one layer."""
-    cls = MODULES[check_format(fmt)]
+    """Swap a decoder layer's seven Linears for quantized ones; each original is dropped as soon as
+    its replacement exists, so the extra memory is one matrix, not one layer. The modules are made
+    as the loaders make them (convention.py), so this gives a file's layers exactly."""
+    from .convention import module_from_stored, quantize_stored
+    check_format(fmt)
     for path in LINEARS:
         parent_name, name = path.split(".")
         parent = getattr(layer, parent_name)
@@ -294,7 +296,8 @@ def quantize_layer(layer: nn.Module, fmt: str) -> nn.Module:
         if isinstance(old, QUANTIZED):
             raise SettingsError(f"This layer is already quantized ({old.fmt}); load the full-precision weights to "
                                 f"quantize them as {fmt}.")
-        setattr(parent, name, cls.from_linear(old))
+        bias = None if old.bias is None else old.bias.detach()
+        setattr(parent, name, module_from_stored(fmt, quantize_stored(old.weight.detach(), fmt), bias))
         del old
     return layer
 
