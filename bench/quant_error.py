@@ -10,6 +10,15 @@ from its own state after the reference's previous tokens, with the reference's n
 ||token - reference|| / ||reference|| per token (mean, max, first image token) and the same for
 the final hidden states. The fp8 matmul row (fp8 activations too) appears where the kernel runs:
 CUDA with SM >= 8.9 in bfloat16, or anywhere with NEXTSTEP_FP8_MATMUL=on and --dtype bfloat16.
+
+The "core" rows are what ComfyUI 0.33 computes with the same files (comfy/ops.py, comfy-kitchen):
+int8_tensorwise quantizes each activation row to int8 at run time (W8A8); float8_e4m3fn, on GPUs
+with fp8 matmuls, casts activations to e4m3 with scale 1 (clamped at +-448; the pack's files carry
+no input_scale), and on other GPUs multiplies with the dequantized weights (the "pack fp8" row);
+asym_w4a8_int8 is core's own 4-bit (comfy-kitchen's defaults: group 16, ConvRot 256, fp8 group
+scales, a Lloyd-Max codebook). They run on comfy-kitchen's eager backend where it is installed;
+without it, int8 and fp8 run an exact re-implementation of the same arithmetic (written here from
+comfy-kitchen's eager code) and the 4-bit row is left out.
 """
 from __future__ import annotations
 
@@ -30,6 +39,7 @@ from nextstep_core.config import BackboneConfig, FlowHeadConfig  # noqa: E402
 from nextstep_core.engine import SamplingSettings  # noqa: E402
 from nextstep_core.flow_head import FlowHead  # noqa: E402
 from nextstep_core.pipeline import NextStepPipeline, Request  # noqa: E402
+from nextstep_core.weights.convention import module_from_stored, quantize_stored  # noqa: E402
 from nextstep_core.weights.quant import LINEARS, empty_quantized_layers, quantize_backbone, quantized_names  # noqa: E402
 from nextstep_core.tiny import write_tiny  # noqa: E402
 from nextstep_core.token_error import relative_error, teacher_forced  # noqa: E402
@@ -71,6 +81,97 @@ def row(name, bb, head, run, s, ref, ref_h, seed):
     print(f"| {name} | {e.mean():.4f} | {e.max():.4f} | {e[:, 0].mean():.4f} | {eh.mean():.4f} |")
 
 
+def kitchen():
+    try:
+        import comfy_kitchen.tensor as ck_tensor
+        from importlib.metadata import version
+        return ck_tensor, version("comfy-kitchen")
+    except ImportError:
+        return None, None
+
+
+class CoreLinear(torch.nn.Module):
+    """One decoder matrix as ComfyUI 0.33 computes it from the pack's file (`stored`: the file's
+    tensors, weights/convention.py)."""
+
+    def __init__(self, fmt, stored, bias, ck=None, weight=None):
+        super().__init__()
+        self.fmt, self.ck, self.bias = fmt, ck, bias
+        self.q, self.scale = stored["weight"], stored["weight_scale"]
+        self.qt = None
+        if ck is not None and fmt == "w4a8":
+            self.qt = ck.QuantizedTensor.from_float(weight, "AsymW4A8Int8Layout", group_size=16, convrot_groupsize=256)
+        elif ck is not None:
+            name = {"int8": "TensorWiseINT8Layout", "fp8": "TensorCoreFP8Layout"}[fmt]
+            params = ck.get_layout_class(name).Params(scale=self.scale, orig_dtype=bias.dtype if bias is not None
+                                                      else torch.float32, orig_shape=tuple(self.q.shape))
+            self.qt = ck.QuantizedTensor(self.q, name, params)
+
+    def forward(self, x):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        y = self._kitchen(x2) if self.qt is not None else self._same_arithmetic(x2)
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+    def _kitchen(self, x2):
+        qt = self.qt.to(x2.dtype)  # ComfyUI casts the layer to the compute dtype (the params' dtype only)
+        if self.fmt == "fp8":
+            one = torch.ones((), dtype=torch.float32)
+            params = self.ck.TensorCoreFP8Layout.Params(scale=one, orig_dtype=x2.dtype, orig_shape=tuple(x2.shape))
+            x2 = self.ck.QuantizedTensor(self.ck_fp8(x2), "TensorCoreFP8Layout", params)
+        bias = None if self.bias is None else self.bias.to(qt.dtype)
+        return torch.nn.functional.linear(x2, qt, bias)
+
+    @staticmethod
+    def ck_fp8(x):
+        import comfy_kitchen as ck
+        return ck.quantize_per_tensor_fp8(x, torch.ones((), dtype=torch.float32), torch.float8_e4m3fn)
+
+    def _same_arithmetic(self, x2):
+        """comfy-kitchen 0.2.31's eager int8_linear / fp8 path, written out."""
+        if self.fmt == "int8":
+            s = (x2.abs().amax(dim=-1, keepdim=True).float() / 127.0).clamp(min=1e-30)
+            div = s.to(x2.dtype)
+            div = torch.where(div == 0, torch.full_like(div, torch.finfo(x2.dtype).tiny), div)
+            xq = (x2 / div).round_().clamp_(-128, 127).to(torch.int8)
+            acc = (xq.to(torch.float64) @ self.q.to(torch.float64).t())  # exact: int32 sums fit a double
+            y = (acc.float() * (s * self.scale.reshape(1, -1).float())).to(x2.dtype)
+        else:
+            xq = (x2 * torch.ones((), dtype=x2.dtype)).clamp(-448, 448).to(torch.float8_e4m3fn)
+            y = torch.nn.functional.linear(xq.to(x2.dtype), (self.q.to(x2.dtype) * self.scale.to(x2.dtype)))
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+def core_backbone(bb, fmt, ck):
+    """A copy of `bb` whose decoder matrices compute as ComfyUI 0.33 does with a file of `fmt`."""
+    q = copy.deepcopy(bb)
+    for layer in q.layers:
+        for path in LINEARS:
+            parent_name, name = path.split(".")
+            parent = getattr(layer, parent_name)
+            lin = getattr(parent, name)
+            w = lin.weight.detach().float()
+            stored = quantize_stored(w, fmt) if fmt != "w4a8" else {"weight": None, "weight_scale": None}
+            setattr(parent, name, CoreLinear(fmt, stored, None if lin.bias is None else lin.bias.detach(), ck, w))
+    return q
+
+
+def per_row_fp8(bb):
+    """The pack's earlier fp8: one scale per output row."""
+    q = copy.deepcopy(bb)
+    for layer in q.layers:
+        for path in LINEARS:
+            parent_name, name = path.split(".")
+            parent = getattr(layer, parent_name)
+            lin = getattr(parent, name)
+            w = lin.weight.detach().float()
+            rows = torch.where(w.abs().amax(dim=1) > 0, w.abs().amax(dim=1) / 448, torch.ones(w.shape[0]))
+            stored = {"weight": (w / rows[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn),
+                      "weight_scale": rows[:, None]}
+            setattr(parent, name, module_from_stored("fp8", stored, None if lin.bias is None else lin.bias.detach()))
+    return q
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="a NextStep model folder (default: write a random one)")
@@ -107,19 +208,37 @@ def main(argv=None):
         print(f"teacher-forced reference vs its own free run: max {relative_error(ref, run.tokens).max():.1e}\n")
         print("| backbone | token error mean | max | first token | hidden error mean |")
         print("|---|---|---|---|---|")
-        variants = [("int8", "int8", "off"), ("fp8 (dequantized)", "fp8", "off"), ("fp8 matmul (fp8 activations)",
-                                                                                   "fp8", "auto"),
+        ck, ck_version = kitchen()
+        how = f"comfy-kitchen {ck_version} eager" if ck is not None else "same arithmetic, re-implemented"
+        variants = [("pack int8 (weight-only, scale per row: the CLI)", "int8", "off"),
+                    ("pack fp8, one scale per matrix, dequantized (current files; core fp8 without fp8 matmuls)",
+                     "fp8", "off"),
+                    ("pack fp8, scale per row, dequantized (earlier files)", "fp8", "per-row"),
+                    ("pack fp8 matmul (fp8 activations per row)", "fp8", "auto"),
+                    (f"core int8_tensorwise, W8A8 ({how})", "int8", "core"),
+                    (f"core float8_e4m3fn, fp8 activations at scale 1 ({how})", "fp8", "core"),
                     ("int4 (group 128; kernel, bf16 activations)", "int4", "int4-kernel"),
-                    ("int4 (dequantized)", "int4", "int4-off")]
+                    ("int4 (dequantized; the registered ComfyUI layout computes this)", "int4", "int4-off"),
+                    (f"core asym_w4a8_int8 (comfy-kitchen {ck_version} eager, group 16)", "int4", "core-w4a8")]
         asked = os.environ.get("NEXTSTEP_FP8_MATMUL", "auto")
         import nextstep_core.weights.int4 as int4
         int4.GROUP = args.int4_group
         variants = [(n.replace("group 128", f"group {args.int4_group}"), f, m) for n, f, m in variants
                     if not args.only or f in args.only.split(",")]
         for name, fmt, mm in variants:
-            os.environ["NEXTSTEP_FP8_MATMUL"] = asked if mm == "auto" else "off" if mm.startswith("int4") else mm
+            os.environ["NEXTSTEP_FP8_MATMUL"] = asked if mm == "auto" else "off" if mm.startswith("int4") else \
+                "off" if mm in ("off", "per-row") else asked
             os.environ["NEXTSTEP_INT4_MATMUL"] = "off" if mm == "int4-off" else "auto"
-            q = quantize_backbone(copy.deepcopy(bb), fmt)
+            if mm == "core-w4a8":
+                if ck is None or bb.cfg.hidden_size % 256 or bb.cfg.intermediate_size % 256:
+                    continue  # comfy-kitchen's W4A8 rotates groups of 256 inputs
+                q = core_backbone(bb, "w4a8", ck)
+            elif mm == "core":
+                q = core_backbone(bb, fmt, ck)
+            elif mm == "per-row":
+                q = per_row_fp8(bb)
+            else:
+                q = quantize_backbone(copy.deepcopy(bb), fmt)
             for m in q.modules():  # int4 picks its CPU layout before the first use
                 if hasattr(m, "prepare"):
                     m.prepare()

@@ -15,9 +15,10 @@ from .backbone import Backbone
 from .config import backbone_config, flow_head_config, read_json
 from .errors import CheckpointError
 from .flow_head import FlowHead
-from .weights.quant import LINEARS, check_device, check_format, empty_quantized_layers, quantize_layer, quantized_names
-from .weights.quant_file import (MAKE_ONE, META_VARIANT, check_stored_dtypes, file_format, file_metadata, pick_quantized,
-                         quantized_config, scan)
+from .weights.convention import module_from_stored, quantize_stored
+from .weights.quant import LINEARS, check_device, check_format
+from .weights.quant_file import (MAKE_ONE, META_VARIANT, check_declared, file_format, file_metadata, is_earlier_layout,
+                                 pick_quantized, quantized_config, read_stored, scan)
 from .tokenizer import NextStepTokenizer
 from .vae import NextStepVAE, VAEConfig
 from .weights.reading import WeightIndex, load_torch_state, safetensors_header, check_shapes
@@ -131,15 +132,27 @@ def load_backbone(folder: str, device="cpu", dtype=torch.float32, with_lm_head: 
 
 
 def _load_quantizing(model: Backbone, index: WeightIndex, device, dtype, quant: str) -> None:
-    """Each layer's matrices arrive in their stored precision and are quantized at once, so peak
-    memory is the 8-bit model plus one full-precision layer."""
+    """Each matrix arrives in its stored precision and is quantized at once, so peak memory is the
+    quantized model plus one full-precision matrix."""
     for name, child in model.named_children():
         if name != "layers":
             index.load_into(child, name + ".", device, dtype)
+    _quantized_layers(model, index, device, dtype, quant,
+                      lambda layer: quantize_stored(index.tensor(layer + ".weight", device), quant))
+
+
+def _quantized_layers(model: Backbone, index: WeightIndex, device, dtype, fmt: str, stored_of) -> None:
+    """Where quantizing while loading and reading a pre-quantized file meet: `stored_of(layer name)`
+    gives a matrix's tensors in ComfyUI's convention (weights/convention.py), and the module is made
+    from them the same way for both, so a file gives the tokens of quantizing at load."""
     matrices = {p + ".weight" for p in LINEARS}
     for i, layer in enumerate(model.layers):
-        index.load_into(layer, f"layers.{i}.", device, dtype, keep_dtype=matrices)
-        quantize_layer(layer, quant)
+        index.load_into(layer, f"layers.{i}.", device, dtype, skip=matrices)
+        for path in LINEARS:
+            parent_name, name = path.split(".")
+            parent = getattr(layer, parent_name)
+            stored = {k: v.to(device) for k, v in stored_of(f"layers.{i}.{path}").items()}
+            setattr(parent, name, module_from_stored(fmt, stored, getattr(parent, name).bias))
 
 
 def _load_prequantized(path: str, device, dtype, with_lm_head: bool):
@@ -152,18 +165,25 @@ def _load_prequantized(path: str, device, dtype, with_lm_head: bool):
                               f"in. {exc}") from None
     index = WeightIndex(path)
     fmt = file_format(path)
-    if "image_in_projector.weight" not in index or "layers.0.self_attn.q_proj.scale" not in index:
+    if "image_in_projector.weight" not in index:
         raise CheckpointError(f"{path} says it is a {fmt} NextStep backbone but lacks its weights (no "
-                              f"image_in_projector or scales): it is damaged or was not written by `{MAKE_ONE}`. "
-                              "Make it again.")
+                              f"image_in_projector): it is damaged or was not written by `{MAKE_ONE}`. Make it again.")
     cfg = backbone_config(cfg_json, o_bias="layers.0.self_attn.o_proj.bias" in index)
     _check_ids(cfg, tok, path)
+    earlier = is_earlier_layout(path)
+    if earlier:
+        import warnings
+        warnings.warn(f"{os.path.basename(path)} is in the pack's earlier {fmt} layout; it is converted while loading "
+                      f"(ComfyUI reads only the new one). To skip this, make it again: `python -m nextstep_core "
+                      f"quantize --model {os.path.basename(path)} --out NEW.safetensors`.", stacklevel=2)
+    else:
+        check_declared(path, index, fmt, cfg.num_layers)
     with torch.device("meta"):
         model = Backbone(cfg, with_lm_head=False, placeholder_id=tok.placeholder_id)
-        empty_quantized_layers(model, fmt)
-    keep = quantized_names(model)
-    check_stored_dtypes(path, index, fmt, keep)
-    index.load_into(model, "", device, dtype, keep_dtype=keep)
+    for name, child in model.named_children():
+        if name != "layers":
+            index.load_into(child, name + ".", device, dtype)
+    _quantized_layers(model, index, device, dtype, fmt, lambda layer: read_stored(path, index, layer, fmt, earlier))
     return _finish(model, path, with_lm_head), tok
 
 

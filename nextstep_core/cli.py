@@ -93,11 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--panel", action="append", default=[], help="a panel prompt; repeat, in story order")
     b.add_argument("--style", default="", help="character/style text put before every panel prompt")
     q = sub.add_parser("quantize", help="write the backbone (plus LM head and flow head) as one int8/fp8/int4 "
-                                        ".safetensors")
-    q.add_argument("--model", required=True, help="full-precision NextStep model folder (or a Hugging Face repo id)")
-    q.add_argument("--format", required=True, choices=list(FORMATS), dest="fmt",
-                   help="int8 (any GPU), fp8 (e4m3; fp8 matmuls on Ada/Hopper and newer) or int4 (group-wise; "
-                        "int4 kernels on Ampere and newer and on CPU)")
+                                        ".safetensors in ComfyUI's convention for quantized layers")
+    q.add_argument("--model", required=True, help="full-precision NextStep model folder (or a Hugging Face repo id), "
+                                                 "or a pre-quantized file of an earlier version to write again")
+    q.add_argument("--format", choices=list(FORMATS), dest="fmt",
+                   help="int8 (ComfyUI's int8_tensorwise), fp8 (e4m3, one scale per matrix: ComfyUI's "
+                        "float8_e4m3fn) or int4 (the pack's group-wise format); optional when --model is a "
+                        "pre-quantized file being written again in the current layout")
     q.add_argument("--out", required=True, help="the .safetensors to write; put it next to the model's tokenizer files")
     q.add_argument("--device", default="cpu", help="where to quantize (cpu needs about 16 GB of RAM at 14B)")
     q.add_argument("--no-lm-head", action="store_true", help="leave out the LM head (1.5 GB at 14B; Self-CoT needs it)")
@@ -214,7 +216,8 @@ def run_generation(args) -> int:
     progress = ProgressLine(sys.stderr, quiet=args.quiet, sync=sync)
     t1 = time.perf_counter()
     if args.command == "storyboard":
-        return _storyboard(args, pipe, req, settings, variant, t1, sync)
+        return _storyboard(args, pipe, req, settings, f"{variant} ({weights_note(backbone, model, args.quant)})", t1,
+                           sync)
     result = pipe.run(req, progress)
     gen_s = time.perf_counter() - t1
     paths = output_paths(args.out, result.images.shape[0])
@@ -228,7 +231,8 @@ def run_generation(args) -> int:
     if not args.quiet:
         n = result.tokens.shape[1]
         print(f"{variant}: {len(paths)} image(s) {result.images.shape[2]}x{result.images.shape[1]}, {n} tokens, "
-              f"cfg {settings.cfg}, {settings.steps} steps, sampler {settings.sampler}; load {load_s:.1f}s, "
+              f"cfg {settings.cfg}, {settings.steps} steps, sampler {settings.sampler}; "
+              f"{weights_note(backbone, model, args.quant)}; load {load_s:.1f}s, "
               f"generate {gen_s:.1f}s ({gen_s / n * 1000:.1f} ms/token) -> {', '.join(paths)}", file=sys.stderr)
     del torch
     return 0
@@ -294,7 +298,7 @@ def run_quantize(args) -> int:
     import torch
     from .checkpoint import load_backbone
     from .devices import resolve_device
-    from .weights.quant_file import save_quantized
+    from .weights.quant_file import file_format, is_earlier_layout, save_quantized
     out = args.out
     if not out.endswith(".safetensors"):
         raise NextStepError(f"--out {out}: the file name must end in .safetensors.")
@@ -302,17 +306,44 @@ def run_quantize(args) -> int:
         raise NextStepError(f"{out} already exists; choose another name or pass --force to replace it. "
                             "Nothing was written.")
     model = resolve_model(args.model)
-    if os.path.isfile(model):
+    converting = os.path.isfile(model) and model.endswith(".safetensors") and file_format(model) is not None
+    if os.path.isfile(model) and not converting:
         raise NextStepError(f"{model} is a file; quantize reads the full-precision model folder (config.json, "
-                            "model*.safetensors, tokenizer files).")
+                            "model*.safetensors, tokenizer files), or a pre-quantized file to write again in the "
+                            "current layout.")
+    if converting and args.fmt not in (None, file_format(model)):
+        raise NextStepError(f"{model} holds {file_format(model)} weights: it can be written again only as "
+                            f"{file_format(model)} (--format {file_format(model)}); to make {args.fmt}, quantize the "
+                            "full-precision model folder.")
+    if not converting and args.fmt is None:
+        raise NextStepError("--format is required: int8, fp8 or int4.")
     t0 = time.perf_counter()
     # Matrices are quantized from their stored precision; the rest is copied from the files, so
     # the compute dtype only decides what the embeddings occupy meanwhile.
-    backbone, _ = load_backbone(model, resolve_device(args.device), torch.bfloat16, quant=args.fmt)
+    fmt = file_format(model) if converting else args.fmt
+    earlier = converting and is_earlier_layout(model)
+    backbone, _ = load_backbone(model, resolve_device(args.device), torch.bfloat16, quant=None if converting else fmt)
     save_quantized(backbone, model, out, lm_head=not args.no_lm_head, force=args.force)
-    print(f"wrote {out} ({os.path.getsize(out) / 1e9:.2f} GB, {args.fmt}) in {time.perf_counter() - t0:.0f}s; keep it "
+    what = f"{fmt}, rewritten from {os.path.basename(model)}" if converting else fmt
+    if earlier and fmt == "fp8":
+        what += "; its per-row fp8 scales became one scale per matrix (requantized), as ComfyUI stores fp8"
+    print(f"wrote {out} ({os.path.getsize(out) / 1e9:.2f} GB, {what}) in {time.perf_counter() - t0:.0f}s; keep it "
           "next to the model's tokenizer files (and vae/), or pass the VAE with --vae", file=sys.stderr)
     return 0
+
+
+def weights_note(backbone, model: str, quant) -> str:
+    """What the backbone's weights are and where they came from, for the output line."""
+    from .weights.quant import format_of
+    fmt = format_of(backbone)
+    if fmt is None:
+        return "full-precision weights"
+    source = getattr(backbone, "source", model)
+    if not os.path.isfile(source):
+        return f"{fmt} weights quantized while loading"
+    if quant is not None and os.path.isdir(model):
+        return f"{fmt} weights from {os.path.basename(source)} in the model folder (not quantized at load)"
+    return f"{fmt} weights from {os.path.basename(source)}"
 
 
 def main(argv=None) -> int:

@@ -48,6 +48,11 @@ def comfy_prefetch():
     return _module("comfy.model_prefetch")
 
 
+def quant_ops():
+    """comfy.quant_ops (its layout registry and QUANT_ALGOS), or None outside ComfyUI."""
+    return _module("comfy.quant_ops")
+
+
 def in_comfyui() -> bool:
     return model_management() is not None
 

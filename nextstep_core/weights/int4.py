@@ -126,6 +126,23 @@ def _matmul(x2: torch.Tensor, weight: torch.Tensor, sz: torch.Tensor, group: int
     return torch.ops.aten._weight_int4pack_mm(x2, weight, group, sz)
 
 
+def stored_linear(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, bias=None) -> torch.Tensor:
+    """x @ W.T (+ bias) for a weight in the stored form, for hosts that keep it in that form and
+    page it (ComfyUI's layout, nodes/int4_layout.py): on a CUDA GPU with the kernel, repacked for
+    it on every call (reads 0.5 byte per weight twice, instead of writing a bf16 copy); elsewhere
+    dequantized."""
+    out_f, in_f = packed.shape[0], packed.shape[1] * 2
+    group = in_f // sz.shape[0]
+    tiles = inner_k_tiles(in_f)
+    if x.device.type == "cuda" and tiles is not None and out_f % 8 == 0 and kernel_for(x.device) == "cuda":
+        shape = x.shape
+        y = _matmul(x.reshape(-1, in_f).to(torch.bfloat16), _to_kernel(packed, "cuda", tiles), sz, group, "cuda")
+        y = y.to(x.dtype).reshape(*shape[:-1], out_f)
+    else:
+        y = F.linear(x, dequantize(packed, sz, x.dtype))
+    return y if bias is None else y + bias
+
+
 def _from_kernel(weight: torch.Tensor, kernel: str, in_features: int, out_features: int, group: int) -> torch.Tensor:
     """The kernel's tiled layout back to the stored one: each column of the identity picks one
     input column, and scale 1 / zero 8 make the kernel return q itself (small integers are exact

@@ -6,12 +6,15 @@ embedding, norms, image projectors, LM head and the flow head stay in full preci
 they are small, or (the projectors and the head) feed the sampler directly, where CFG magnifies
 any error.
 
-Scales are per output channel (absmax), stored in float32 so they add no rounding of their own.
-int8 runs as a weight-only int8 kernel (`torch._weight_int8pack_mm`: the int8 matrix is read
-once, 1 byte per weight, and scaled in the kernel) where the device has it (checked once, on a
-probe, per device). fp8 runs as an fp8 x fp8 `torch._scaled_mm` with per-row activation scales
-where the GPU has that kernel. Everywhere else both dequantize on the fly (`weight.to(x.dtype)`:
-5 bytes moved per weight instead of 2, slower than bf16 unless torch.compile fuses it).
+Scales are float32 so they add no rounding of their own: int8 has one per output channel
+(absmax), fp8 one per matrix (ComfyUI's float8_e4m3fn format; held here as a per-row vector of
+equal values, so files in the pack's earlier per-row fp8 layout load unchanged). The file layout
+is ComfyUI's (convention.py). int8 runs as torch's weight-only int8 kernel
+(`torch._weight_int8pack_mm`: the int8 matrix is read once, 1 byte per weight, and scaled in the
+kernel) on the CPU, where it passed a probe; on CUDA, whose version of that kernel is naive, as a
+compiled or buffered dequantize-and-multiply (int8_gpu.py). fp8 runs as an fp8 x fp8
+`torch._scaled_mm` with per-row activation scales where the GPU has that kernel. Everywhere else
+both dequantize on the fly (`weight.to(x.dtype)`).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from torch import nn
 
 from ..devices import kernel_agrees
 from ..errors import SettingsError
+from .int8_gpu import gpu_linear, path_for, scratch_for
 
 FORMATS = ("int8", "fp8", "int4")  # int4: group-wise, in int4.py
 STORAGE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
@@ -49,16 +53,27 @@ def check_device(fmt: str, device) -> None:
 
 
 def quantize_weight(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (q [out, in] in the storage dtype, scale [out] float32) with w ~= q * scale[:, None]."""
+    """-> (q [out, in] in the storage dtype, scale [out] float32) with w ~= q * scale[:, None].
+
+    int8: one absmax scale per output row. fp8: one scale for the whole matrix (repeated per row
+    here, so both formats share the kernels), as ComfyUI's float8_e4m3fn format stores it: the same
+    file then serves ComfyUI and the CLI."""
     check_format(fmt)
     q = torch.empty(w.shape, dtype=STORAGE[fmt], device=w.device)
     scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
     rows = max(1, _CHUNK // max(1, w.shape[1]))
     qmax = QMAX[fmt]
+    if fmt == "fp8":
+        amax = max((float(w[r:r + rows].abs().amax()) for r in range(0, w.shape[0], rows)), default=0.0)
+        whole = torch.tensor(amax, dtype=torch.float32) / qmax if amax > 0 else torch.ones((), dtype=torch.float32)
+        scale.fill_(float(whole))
     for r in range(0, w.shape[0], rows):
         part = w[r:r + rows].to(torch.float32)
-        amax = part.abs().amax(dim=1)
-        s = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))  # an all-zero row stays exactly zero
+        if fmt == "fp8":
+            s = scale[r:r + rows]
+        else:
+            amax = part.abs().amax(dim=1)
+            s = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))  # an all-zero row stays exactly zero
         v = (part / s[:, None]).clamp_(-qmax, qmax)
         q[r:r + rows] = v.round_() if fmt == "int8" else v
         scale[r:r + rows] = s
@@ -128,16 +143,25 @@ class Int8Linear(QuantLinear):
     fmt = "int8"
 
     def _configure(self) -> None:
-        self.int8_mm = self.in_features % 32 == 0 and int8_matmul_available(self.weight.device)
+        """Pick the product for the weight's device: torch's weight-only kernel where it passed its
+        probe (CPU), a compiled or buffered dequantize-and-multiply on CUDA (int8_gpu.py)."""
+        self.path = path_for(self.weight.device, self.in_features, int8_matmul_available)
+        self.scratch = scratch_for(self.weight.device) if self.path in ("compiled", "buffer") else None
         self._scales = {}
 
+    @property
+    def int8_mm(self) -> bool:
+        return self.path == "int8pack"
+
     def matmul(self, x, weight, scale, bias) -> torch.Tensor:
-        if self.int8_mm and x.dtype in INT8_MM_DTYPES:
+        if self.path == "int8pack" and x.dtype in INT8_MM_DTYPES:
             key = (scale.data_ptr(), scale.numel(), x.dtype)
             hit = self._scales.get(key)
             if hit is None:  # the kernel takes the scales in the activation dtype: cast once, not per call
                 hit = self._scales[key] = (scale, scale.to(x.dtype))  # holding `scale` keeps its address unique
             return int8_linear(x, weight, hit[1], bias)
+        if self.path in ("compiled", "buffer"):
+            return gpu_linear(self, x, weight, scale, bias)
         return dequantized_linear(x, weight, scale, bias)
 
 
@@ -177,7 +201,9 @@ def int8_linear(x, weight, scale, bias=None) -> torch.Tensor:
 
 
 def int8_matmul_available(device: torch.device) -> bool:
-    if device.type == "meta" or not hasattr(torch, "_weight_int8pack_mm"):
+    """Whether torch's weight-only int8 kernel runs correctly on `device` (never asked for CUDA,
+    whose kernel is slow: int8_gpu.py)."""
+    if device.type in ("meta", "cuda") or not hasattr(torch, "_weight_int8pack_mm"):
         return False
     index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else 0)
     return _probe_int8(device.type, index)
@@ -258,9 +284,11 @@ def probe_fp8_matmul(device: torch.device) -> bool:
 
 
 def quantize_layer(layer: nn.Module, fmt: str) -> nn.Module:
-    """Swap a decoder layer's seven Linears for 8-bit ones; each original is dropped as soon as
-    its replacement exists, so the extra memory is one matrix, not one layer."""
-    cls = MODULES[check_format(fmt)]
+    """Swap a decoder layer's seven Linears for quantized ones; each original is dropped as soon as
+    its replacement exists, so the extra memory is one matrix, not one layer. The modules are made
+    as the loaders make them (convention.py), so this gives a file's layers exactly."""
+    from .convention import module_from_stored, quantize_stored
+    check_format(fmt)
     for path in LINEARS:
         parent_name, name = path.split(".")
         parent = getattr(layer, parent_name)
@@ -268,7 +296,8 @@ def quantize_layer(layer: nn.Module, fmt: str) -> nn.Module:
         if isinstance(old, QUANTIZED):
             raise SettingsError(f"This layer is already quantized ({old.fmt}); load the full-precision weights to "
                                 f"quantize them as {fmt}.")
-        setattr(parent, name, cls.from_linear(old))
+        bias = None if old.bias is None else old.bias.detach()
+        setattr(parent, name, module_from_stored(fmt, quantize_stored(old.weight.detach(), fmt), bias))
         del old
     return layer
 

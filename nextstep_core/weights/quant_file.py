@@ -1,12 +1,14 @@
 """Pre-quantized single-file checkpoints: the 8-bit backbone, its LM head and the flow head in one
 .safetensors, so a 14B model is a ~16 GB download instead of ~30 GB.
 
-Layout: the seven decoder matrices of every layer as int8 or float8_e4m3fn [out, in] plus a
-float32 `<name>.scale` [out] (int4: uint8 [out, in/2] and bf16 scale/zero pairs, see int4.py);
-every other tensor (embeddings, norms, biases, projectors,
-`lm_head.weight`, `image_head.*`) copied byte for byte from the source checkpoint. The header
-metadata carries `nextstep_quant` (the format), `nextstep_config` (the source config.json) and
-`nextstep_variant`, so the file needs no config.json beside it. The tokenizer files and `vae/`
+Layout: the seven decoder matrices of every layer in ComfyUI's convention for quantized layers
+(`<name>.weight` + `<name>.weight_scale`, declared in the header's `_quantization_metadata`; see
+convention.py), so ComfyUI's mixed-precision layers read the same file; every other tensor
+(embeddings, norms, biases, projectors, `lm_head.weight`, `image_head.*`) copied byte for byte from
+the source checkpoint. The header metadata also carries `nextstep_quant` (the pack's name of the
+format), `nextstep_config` (the source config.json) and `nextstep_variant`, so the file needs no
+config.json beside it. The pack's earlier files (`<name>.scale`, no `_quantization_metadata`) still
+load: `read_stored` converts each matrix while loading. The tokenizer files and `vae/`
 are not inside: they are read from the folder the file sits in (the model folder, or a folder
 holding the file, the tokenizer files and `vae/`).
 
@@ -23,14 +25,14 @@ import torch
 
 from ..atomic_write import atomic_file
 from ..errors import CheckpointError, SettingsError
-from .quant import FORMATS, format_of, quantized_names
+from .convention import (CORE_FORMAT, EARLIER_SCALE, META_KEY, SCALE, STORED_DTYPES, declared_layers, from_earlier,
+                         layer_entry, metadata_entry, stored_from_module)
+from .quant import FORMATS, LINEARS, QUANTIZED, format_of
 from .reading import INDEX, WeightIndex, data_start, safetensors_header
 
 META_FORMAT, META_CONFIG, META_VARIANT = "nextstep_quant", "nextstep_config", "nextstep_variant"
 DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8", torch.uint8: "U8",
           torch.float8_e4m3fn: "F8_E4M3", torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL"}
-STORED = {"int8": "I8", "fp8": "F8_E4M3", "int4": "U8"}  # int4: two values per byte
-SCALE_STORED = {"int8": "F32", "fp8": "F32", "int4": "BF16"}
 ARCH_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
              "vocab_size")
 MAKE_ONE = "python -m nextstep_core quantize --model MODEL_FOLDER --format int8|fp8|int4 --out FILE.safetensors"
@@ -134,21 +136,45 @@ def quantized_config(path: str) -> dict:
     return cfg
 
 
-def check_stored_dtypes(path: str, index: WeightIndex, fmt: str, names) -> None:
-    """A header that says int8 while a matrix is stored in bf16 means a hand-edited or foreign file."""
-    for name in sorted(names):
-        want = SCALE_STORED[fmt] if name.endswith(".scale") else STORED[fmt]
+def is_earlier_layout(path: str) -> bool:
+    """Whether a pre-quantized file is in the pack's earlier layout (before ComfyUI's convention)."""
+    return META_KEY not in file_metadata(path)
+
+
+def check_declared(path: str, index: WeightIndex, fmt: str, layer_count: int) -> None:
+    """A file in ComfyUI's convention declares each quantized matrix, with the file's format."""
+    layers = declared_layers(file_metadata(path))
+    want = {f"layers.{i}.{p}" for i in range(layer_count) for p in LINEARS}
+    wrong = sorted(n for n in want if layers.get(n, {}).get("format") != CORE_FORMAT[fmt])
+    if wrong:
+        raise CheckpointError(f"{path} says it holds {fmt} weights but its {META_KEY} does not declare {wrong[0]} as "
+                              f"such: it was not written by `{MAKE_ONE}` or is damaged. Make it again.")
+
+
+def read_stored(path: str, index: WeightIndex, layer: str, fmt: str, earlier: bool) -> dict:
+    """One matrix of a pre-quantized file in ComfyUI's convention (convention.py), on the CPU;
+    a file in the pack's earlier layout is converted on the way."""
+    scale_name = f"{layer}.{EARLIER_SCALE if earlier else SCALE}"
+    names = (f"{layer}.weight", scale_name)
+    for name, want in zip(names, STORED_DTYPES[fmt]):
         got = index.dtypes.get(name)
-        if got is not None and got != want:
+        if got is None:
+            raise CheckpointError(f"{path} says it holds {fmt} weights but lacks {name}: it was not written by "
+                                  f"`{MAKE_ONE}` or is damaged. Make it again.")
+        if got != DTYPES[want]:
             raise CheckpointError(f"{path} says its weights are {fmt}, but {name} is stored as {got} (expected "
-                                  f"{want}): it was not written by `{MAKE_ONE}` or is damaged. Make it again.")
+                                  f"{DTYPES[want]}): it was not written by `{MAKE_ONE}` or is damaged. Make it again.")
+    weight, scale = index.tensor(names[0]), index.tensor(names[1])
+    if earlier:
+        return from_earlier(fmt, weight, scale)
+    return {"weight": weight, SCALE: scale}
 
 
 def save_quantized(backbone, tokenizer_folder: str, out_path: str, *, lm_head: bool = True, force: bool = False) -> str:
     """Write `backbone` (quantized) as one file. `tokenizer_folder` is the model folder it was
-    loaded from: config.json goes into the metadata and every tensor that is not 8-bit (plus the
-    LM head and the flow head) is copied from its files unchanged, whatever dtype the backbone
-    was loaded in."""
+    loaded from (or the pre-quantized file, when an earlier file is written again): config.json goes
+    into the metadata and every tensor that is not quantized (plus the LM head and the flow head) is
+    copied from its files unchanged, whatever dtype the backbone was loaded in."""
     fmt = format_of(backbone)
     if fmt is None:
         raise SettingsError("This backbone is not quantized: load it with a weight format (int8, fp8 or int4) first.")
@@ -157,27 +183,42 @@ def save_quantized(backbone, tokenizer_folder: str, out_path: str, *, lm_head: b
                             "(--force). Nothing was written.")
     from ..checkpoint import model_variant
     from ..config import read_json
-    config = read_json(os.path.join(tokenizer_folder, "config.json"))
+    if os.path.isfile(tokenizer_folder):
+        config = quantized_config(tokenizer_folder)
+    else:
+        config = read_json(os.path.join(tokenizer_folder, "config.json"))
     source = WeightIndex(tokenizer_folder)
-    memory = backbone.state_dict()
-    quantized = quantized_names(backbone)
-    items = []
-    for name, t in memory.items():
+    quantized = {n: m for n, m in backbone.named_modules() if isinstance(m, QUANTIZED)}
+    layers, items = {}, []
+    state = backbone.state_dict()
+    for name, t in state.items():
+        owner, _, leaf = name.rpartition(".")
+        if owner in quantized and leaf in ("weight", EARLIER_SCALE):
+            if leaf == "weight":
+                stored = stored_from_module(quantized[owner])
+                layers[owner] = layer_entry(fmt, stored)
+                items += [_memory_item(f"{owner}.weight", stored["weight"]),
+                          _memory_item(f"{owner}.{SCALE}", stored[SCALE])]
+            continue
         if name == "lm_head.weight" and not lm_head:
             continue
-        if name in quantized or name not in source:
-            items.append((name, DTYPES[t.dtype], tuple(t.shape), t.numel() * t.element_size(), t))
+        if name not in source:
+            items.append(_memory_item(name, t))
             continue
         if source.shapes[name] != tuple(t.shape):
             raise CheckpointError(f"{tokenizer_folder}: {name} has shape {source.shapes[name]} there but "
                                   f"{tuple(t.shape)} in the backbone: pass the folder the backbone was loaded from.")
         items.append(_source_item(source, name))
     extra = [n for n in source.keys() if n.startswith("image_head.") or (lm_head and n == "lm_head.weight")]
-    items += [_source_item(source, n) for n in sorted(extra) if n not in memory]
-    metadata = {"format": "pt", META_FORMAT: fmt, META_CONFIG: json.dumps(config, sort_keys=True),
-                META_VARIANT: model_variant(tokenizer_folder)}
+    items += [_source_item(source, n) for n in sorted(extra) if n not in state]
+    metadata = {"format": "pt", META_KEY: metadata_entry(layers), META_FORMAT: fmt,
+                META_CONFIG: json.dumps(config, sort_keys=True), META_VARIANT: model_variant(tokenizer_folder)}
     _write_atomic(out_path, items, metadata)
     return out_path
+
+
+def _memory_item(name: str, t: torch.Tensor):
+    return name, DTYPES[t.dtype], tuple(t.shape), t.numel() * t.element_size(), t
 
 
 def _source_item(index: WeightIndex, name: str):

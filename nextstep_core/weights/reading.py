@@ -15,6 +15,19 @@ import torch
 from ..errors import CheckpointError
 
 INDEX = "model.safetensors.index.json"
+ALIGN = 64  # bytes; what torch's CPU allocator gives every tensor
+
+
+def placed(t: torch.Tensor, device, dtype) -> torch.Tensor:
+    """`t` on `device` in `dtype`, never at an address that depends on where it sat in its file.
+    A tensor read from a memory-mapped file stays inside the mapping when nothing converts it, at
+    whatever alignment its file offset gives; CPU matmuls round differently at other alignments, so
+    the same weights read from two files (a model folder and a pre-quantized file) gave other tokens.
+    Such a tensor is copied to an aligned one; an aligned one is left in the mapping."""
+    u = t.to(device=device, dtype=dtype)
+    if u.device.type == "cpu" and u.data_ptr() % ALIGN:
+        u = u.clone()
+    return u
 
 
 def data_start(path: str) -> int:
@@ -78,7 +91,8 @@ class WeightIndex:
         for shard in shards:
             path = os.path.join(folder, shard)
             header = safetensors_header(path)
-            if not single and "nextstep_quant" in (header.get("__metadata__") or {}):
+            meta = header.get("__metadata__") or {}
+            if not single and ("nextstep_quant" in meta or "_quantization_metadata" in meta):
                 skipped += 1  # a pre-quantized file beside the full weights: loaded only when chosen
                 continue
             for name, meta in header.items():
@@ -96,12 +110,24 @@ class WeightIndex:
     def keys(self):
         return self.files.keys()
 
-    def load_into(self, module: torch.nn.Module, prefix: str, device, dtype, skip=(), keep_dtype=()) -> None:
-        """Assign `prefix + name` for every parameter/buffer `name` of `module` (built on meta);
-        floating tensors are cast to `dtype` except the local names in `keep_dtype` (8-bit weights
-        and their scales, or matrices about to be quantized from their stored precision)."""
+    def tensor(self, name: str, device="cpu") -> torch.Tensor:
+        """One tensor as stored (its file's dtype), read alone."""
         from safetensors import safe_open
-        wanted = {n: prefix + n for n, _ in list(module.named_parameters()) + list(module.named_buffers())}
+        if name not in self.files:
+            raise CheckpointError(f"{self.folder} lacks the weight {name!r}: it may be another model's file or an "
+                                  "incomplete download.")
+        with safe_open(self.files[name], framework="pt", device="cpu") as fh:
+            t = fh.get_tensor(name)
+            return placed(t, device, t.dtype)
+
+    def load_into(self, module: torch.nn.Module, prefix: str, device, dtype, skip=(), keep_dtype=()) -> None:
+        """Assign `prefix + name` for every parameter/buffer `name` of `module` (built on meta)
+        except the local names in `skip` (left as they are, for the caller to replace); floating
+        tensors are cast to `dtype` except the local names in `keep_dtype` (8-bit weights and their
+        scales, or matrices about to be quantized from their stored precision)."""
+        from safetensors import safe_open
+        wanted = {n: prefix + n for n, _ in list(module.named_parameters()) + list(module.named_buffers())
+                  if n not in skip}
         missing = [k for k in wanted.values() if k not in self.files]
         if missing:
             raise CheckpointError(
@@ -116,10 +142,13 @@ class WeightIndex:
                 for local, key in items:
                     t = fh.get_tensor(key)
                     cast = t.is_floating_point() and local not in keep_dtype
-                    state[local] = t.to(device=device, dtype=dtype if cast else t.dtype)
+                    state[local] = placed(t, device, dtype if cast else t.dtype)
                     del t
         check_shapes(module, state, self.folder)
-        module.load_state_dict(state, strict=True, assign=True)
+        result = module.load_state_dict(state, strict=not skip, assign=True)
+        left = sorted(set(result.missing_keys) - set(skip))
+        if left:
+            raise CheckpointError(f"{self.folder}: {prefix + left[0]!r} was not loaded.")
 
 
 def check_shapes(module: torch.nn.Module, state: dict, where: str) -> None:
