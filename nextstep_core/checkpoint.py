@@ -15,7 +15,7 @@ from .backbone import Backbone
 from .config import backbone_config, flow_head_config, read_json
 from .errors import CheckpointError
 from .flow_head import FlowHead
-from .weights.convention import module_from_stored, quantize_stored
+from .weights.convention import host_module_from_stored, module_from_stored, quantize_stored
 from .weights.quant import LINEARS, check_device, check_format
 from .weights.quant_file import (MAKE_ONE, META_VARIANT, check_declared, file_format, file_metadata, is_earlier_layout,
                                  pick_quantized, quantized_config, read_stored, scan)
@@ -100,20 +100,22 @@ def model_variant(folder: str) -> str:
 
 
 def load_backbone(folder: str, device="cpu", dtype=torch.float32, with_lm_head: bool = False,
-                  quant: str | None = None, ops=torch.nn):
+                  quant: str | None = None, ops=torch.nn, quant_linear=None):
     """-> (Backbone, NextStepTokenizer). `lm_head` (1.5 GB at 14B) is read only for text generation.
 
     `quant` ('int8' / 'fp8') quantizes the decoder layers while loading, one layer at a time, so
     the full-precision model never sits in memory whole. `folder` may also be a pre-quantized
     file (see weights/quant_file.py) or a folder holding one; its tokenizer is read from the file's folder.
     `dtype` is the compute dtype: everything that is not 8-bit is cast to it. `ops` supplies the layer
-    classes (Linear, Embedding), so a host can substitute its own (e.g. ComfyUI's weight-streaming ops)."""
+    classes (Linear, Embedding), so a host can substitute its own (e.g. ComfyUI's comfy.ops).
+    `quant_linear`: a host's Linear class for the quantized decoder matrices, loaded from ComfyUI's
+    convention (`weight`, `weight_scale`, `comfy_quant`); None: the engine's own quantized modules."""
     if quant is not None:
         check_device(check_format(quant), device)
     qfile = pick_quantized(folder, quant)
     if qfile is not None:
         check_device(file_format(qfile), device)
-        return _load_prequantized(qfile, device, dtype, with_lm_head)
+        return _load_prequantized(qfile, device, dtype, with_lm_head, ops, quant_linear)
     cfg_json = _model_config(folder)
     tok = NextStepTokenizer(folder)
     index = WeightIndex(folder)
@@ -127,21 +129,22 @@ def load_backbone(folder: str, device="cpu", dtype=torch.float32, with_lm_head: 
     if quant is None:
         index.load_into(model, "", device, dtype)
     else:
-        _load_quantizing(model, index, device, dtype, quant)
+        _load_quantizing(model, index, device, dtype, quant, quant_linear)
     return _finish(model, folder, with_lm_head), tok
 
 
-def _load_quantizing(model: Backbone, index: WeightIndex, device, dtype, quant: str) -> None:
+def _load_quantizing(model: Backbone, index: WeightIndex, device, dtype, quant: str, quant_linear=None) -> None:
     """Each matrix arrives in its stored precision and is quantized at once, so peak memory is the
     quantized model plus one full-precision matrix."""
     for name, child in model.named_children():
         if name != "layers":
             index.load_into(child, name + ".", device, dtype)
     _quantized_layers(model, index, device, dtype, quant,
-                      lambda layer: quantize_stored(index.tensor(layer + ".weight", device), quant))
+                      lambda layer: quantize_stored(index.tensor(layer + ".weight", device), quant), quant_linear)
 
 
-def _quantized_layers(model: Backbone, index: WeightIndex, device, dtype, fmt: str, stored_of) -> None:
+def _quantized_layers(model: Backbone, index: WeightIndex, device, dtype, fmt: str, stored_of,
+                      quant_linear=None) -> None:
     """Where quantizing while loading and reading a pre-quantized file meet: `stored_of(layer name)`
     gives a matrix's tensors in ComfyUI's convention (weights/convention.py), and the module is made
     from them the same way for both, so a file gives the tokens of quantizing at load."""
@@ -152,10 +155,15 @@ def _quantized_layers(model: Backbone, index: WeightIndex, device, dtype, fmt: s
             parent_name, name = path.split(".")
             parent = getattr(layer, parent_name)
             stored = {k: v.to(device) for k, v in stored_of(f"layers.{i}.{path}").items()}
-            setattr(parent, name, module_from_stored(fmt, stored, getattr(parent, name).bias))
+            old = getattr(parent, name)
+            if quant_linear is None:
+                setattr(parent, name, module_from_stored(fmt, stored, old.bias))
+            else:
+                setattr(parent, name, host_module_from_stored(quant_linear, fmt, stored, old.bias, old.in_features,
+                                                              old.out_features))
 
 
-def _load_prequantized(path: str, device, dtype, with_lm_head: bool):
+def _load_prequantized(path: str, device, dtype, with_lm_head: bool, ops=torch.nn, quant_linear=None):
     folder = os.path.dirname(os.path.abspath(path))
     cfg_json = quantized_config(path)
     try:
@@ -179,11 +187,12 @@ def _load_prequantized(path: str, device, dtype, with_lm_head: bool):
     else:
         check_declared(path, index, fmt, cfg.num_layers)
     with torch.device("meta"):
-        model = Backbone(cfg, with_lm_head=False, placeholder_id=tok.placeholder_id)
+        model = Backbone(cfg, with_lm_head=False, placeholder_id=tok.placeholder_id, ops=ops)
     for name, child in model.named_children():
         if name != "layers":
             index.load_into(child, name + ".", device, dtype)
-    _quantized_layers(model, index, device, dtype, fmt, lambda layer: read_stored(path, index, layer, fmt, earlier))
+    _quantized_layers(model, index, device, dtype, fmt, lambda layer: read_stored(path, index, layer, fmt, earlier),
+                      quant_linear)
     return _finish(model, path, with_lm_head), tok
 
 

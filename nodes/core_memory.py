@@ -5,8 +5,9 @@ Core already pages, pins, prefetches, offloads and quantizes (dynamic VRAM on NV
 loads that cast per call elsewhere); a pack that brings its own patcher or pinned buffers makes a
 load request "non-dynamic", which unloads the user's other models. So here the pack only tells
 core what it has and what a run needs:
-- `operations`: the comfy.ops classes the loaders build the parts from (mixed-precision ops for
-  quantized weights), so every decoder matrix is a layer core knows how to page;
+- `operations` / `quantized_linear`: the comfy.ops classes the loaders build the parts from (core's
+  mixed-precision layers for int8/fp8, and for the pack's int4 registered as a core layout), so every
+  decoder matrix is a layer core knows how to page;
 - `manage`: `comfy.model_patcher.CoreModelPatcher` (ModelPatcherDynamic under dynamic VRAM) around
   a holder that names the paging units: one per decoder layer, the head whole, the VAE whole;
 - `load_for_run`: one `load_models_gpu` request for the three parts with `memory_required` = the
@@ -24,14 +25,26 @@ from . import bridge
 from ..nextstep_core.memory import SLACK, plan
 
 
-def operations(dtype: torch.dtype, load_device: torch.device, quantized: bool = False):
-    """-> core's layer classes for a part kept and computed in `dtype` (mixed-precision ops when the
-    weights carry ComfyUI's per-layer quantization entries), or torch.nn outside ComfyUI."""
+def operations(dtype: torch.dtype, load_device: torch.device):
+    """-> core's layer classes for a part kept and computed in `dtype`, or torch.nn outside ComfyUI."""
     ops = bridge.comfy_ops()
     if ops is None:
         return torch.nn
-    config = types.SimpleNamespace(quant_config={"mixed_ops": True} if quantized else None)
-    return ops.pick_operations(dtype, dtype, load_device=load_device, model_config=config)
+    return ops.pick_operations(dtype, dtype, load_device=load_device)
+
+
+def quantized_linear(dtype: torch.dtype, load_device: torch.device, fmt: str):
+    """-> core's Linear for decoder matrices in `fmt` (int8 -> int8_tensorwise, fp8 -> float8_e4m3fn,
+    int4 -> the pack's layout registered with core), or None outside ComfyUI (the engine's own)."""
+    ops = bridge.comfy_ops()
+    if ops is None:
+        return None
+    mixed = ops.pick_operations(dtype, dtype, load_device=load_device,
+                                model_config=types.SimpleNamespace(quant_config={"mixed_ops": True}))
+    if fmt == "int4":
+        from .int4_layout import with_int4
+        mixed = with_int4(mixed)
+    return mixed.Linear
 
 
 class PartHolder(torch.nn.Module):

@@ -8,8 +8,6 @@ them when they run, and ComfyUI pages, offloads and keeps them as it does its ow
 """
 from __future__ import annotations
 
-import torch
-
 from . import bridge, core_memory, model_folders
 from .sockets import BACKBONE, FLOW_HEAD, VAE, LoadedPart
 from ..nextstep_core.checkpoint import load_backbone, load_flow_head, load_vae, model_variant
@@ -87,8 +85,9 @@ class NextStepBackboneLoader:
         path = model_folders.resolve_model(model_name)
         load_dev, park_dev, dt = _target(dtype, device)
         quant = None if weights == "full" else weights
-        ops = core_memory.operations(dt, load_dev) if quant is None else torch.nn
-        backbone, tokenizer = load_backbone(path, device=park_dev, dtype=dt, quant=quant, ops=ops)
+        backbone, tokenizer = load_backbone(path, device=park_dev, dtype=dt, quant=quant,
+                                            ops=core_memory.operations(dt, load_dev),
+                                            quant_linear=quant and core_memory.quantized_linear(dt, load_dev, quant))
         return (_part(BACKBONE, model_name, path, backbone, load_dev, park_dev, tokenizer=tokenizer,
                       variant=model_variant(path)),)
 

@@ -207,11 +207,13 @@ def _ops(host) -> types.ModuleType:
 
                 def forward(self, x):
                     w = self.weight
+                    if self.comfy_cast_weights:
+                        host.casts += 1
+                    if type(w.data).__name__ == "QuantizedTensor":  # a registered layout (the pack's int4) computes
+                        return F.linear(x, w.data, None if self.bias is None else self.bias.to(x.dtype))
                     if self.quant_format is not None:
                         scale = self.weight_scale.to(torch.float32)
                         w = w.to(torch.float32) * (scale.reshape(-1, 1) if scale.numel() > 1 else scale)
-                    if self.comfy_cast_weights:
-                        host.casts += 1
                     b = None if self.bias is None else self.bias.to(x.dtype)
                     return F.linear(x, w.to(device=x.device, dtype=x.dtype), b)
 
@@ -226,6 +228,20 @@ def _ops(host) -> types.ModuleType:
     mod.mixed_precision_ops = mixed_precision_ops
 
     mod.pick_operations = pick_operations
+    return mod
+
+
+def _quant_ops() -> types.ModuleType:
+    """comfy.quant_ops: the layout registry is comfy-kitchen's (as in core); without the package core
+    has no layouts at all."""
+    mod = types.ModuleType("comfy.quant_ops")
+    mod.QUANT_ALGOS = {}
+    try:
+        from comfy_kitchen.tensor import register_layout_class
+    except ImportError:
+        mod._CK_AVAILABLE = False
+        return mod
+    mod._CK_AVAILABLE, mod.register_layout_class = True, register_layout_class
     return mod
 
 
@@ -455,9 +471,9 @@ class Host:
         comfy = types.ModuleType("comfy")
         comfy.__path__ = []
         comfy.model_management, comfy.model_patcher, comfy.utils, comfy.cli_args = mm, patcher, utils, cli_args
-        comfy.ops, comfy.model_prefetch = ops, prefetch
+        comfy.ops, comfy.model_prefetch, comfy.quant_ops = ops, prefetch, _quant_ops()
         return {"folder_paths": fp, "comfy": comfy, "comfy.model_management": mm, "comfy.model_patcher": patcher,
-                "comfy.ops": ops, "comfy.model_prefetch": prefetch,
+                "comfy.ops": ops, "comfy.model_prefetch": prefetch, "comfy.quant_ops": comfy.quant_ops,
                 "comfy.utils": utils, "comfy.cli_args": cli_args, "server": server}
 
     def use_dynamic(self, on: bool) -> "Host":

@@ -76,6 +76,23 @@ def module_from_stored(fmt: str, stored: dict, bias: torch.Tensor | None):
     return MODULES[fmt](weight, scale.to(torch.float32), bias)
 
 
+def host_module_from_stored(linear_class, fmt: str, stored: dict, bias: torch.Tensor | None, in_features: int,
+                            out_features: int):
+    """A host's Linear (ComfyUI's mixed-precision comfy.ops layer) for one stored matrix, loaded from
+    the state a file in this convention gives it after ComfyUI turns the header's entry into the
+    layer's `comfy_quant` bytes; the host then holds the weights as its own quantized tensors."""
+    core = to_core(fmt, stored)
+    entry = json.dumps(layer_entry(fmt, core)).encode("utf-8")
+    state = {"weight": core["weight"], SCALE: core[SCALE],
+             "comfy_quant": torch.tensor(list(entry), dtype=torch.uint8)}
+    if bias is not None:
+        state["bias"] = bias
+    with torch.device("meta"):
+        module = linear_class(in_features, out_features, bias=bias is not None)
+    module.load_state_dict(state, strict=True, assign=True)
+    return module
+
+
 def stored_from_module(module) -> dict:
     """The stored tensors of a quantized module, for writing in ComfyUI's convention."""
     fmt = module.fmt
