@@ -2,11 +2,11 @@
 activations and the VAE decode, from the config, the weight format, the image size, the batch,
 the CFG rows, the context before the image and the memory that is free.
 
-The CLI (`--gpu-layers auto`), the nodes (sized from what ComfyUI reports free) and the README's
-memory table all ask this one function, so what a user reads is what the code decides. Layers
-that do not fit stay in (pinned) CPU RAM and cross PCIe once per token (weights/streaming.py), so
-the only run refused is one that does not fit even with every decoder layer streamed; the error
-gives the figures.
+The CLI (`--gpu-layers auto`), the nodes (what a run needs beyond the weights, told to ComfyUI's
+memory manager, which places the weights itself) and the README's memory table all ask this one
+function, so what a user reads is what the code decides. From the CLI, layers that do not fit stay
+in (pinned) CPU RAM and cross PCIe once per token (weights/streaming.py), so the only run refused
+is one that does not fit even with every decoder layer streamed; the error gives the figures.
 
 Weight bytes come from the modules themselves built on the meta device (no formula to drift
 from the code); activations are the largest of the prefill of one layer and the VAE's
@@ -106,17 +106,6 @@ def bytes_on(module: torch.nn.Module, device) -> int:
             seen.add(key)
             n += t.untyped_storage().nbytes()
     return n
-
-
-def within(p: MemoryPlan, weight_budget: float) -> MemoryPlan:
-    """`p` with no more resident layers than let its weights and buffers take `weight_budget` bytes
-    (a host's own allowance, e.g. ComfyUI's lowvram figure); never fewer than zero layers, since the
-    non-layer weights must be on the device whatever the budget (--novram)."""
-    if p.weight_device_bytes <= weight_budget:
-        return p
-    room = weight_budget - p.fixed_weight_bytes - 2 * p.layer_bytes
-    resident = max(0, min(p.resident, p.layers - 1, int(room // p.layer_bytes)))
-    return dataclasses.replace(p, resident=resident, buffer_bytes=2 * p.layer_bytes)
 
 
 def weight_bytes(cfg, fmt: Optional[str], dtype_bytes: int, lm_head: bool = False) -> tuple[int, int]:

@@ -79,18 +79,6 @@ def test_fixed_layer_counts_and_unknown_memory():
                                 + cpu.activation_bytes + SLACK)
 
 
-def test_a_hosts_weight_budget_caps_the_resident_layers():
-    from nextstep_core.memory import within
-    whole = decide("int8", 48)
-    assert within(whole, whole.weight_device_bytes) is whole  # room for it all: unchanged
-    room = whole.fixed_weight_bytes + 2 * whole.layer_bytes + 10 * whole.layer_bytes + 1
-    capped = within(whole, room)
-    assert capped.resident == 10 and capped.buffer_bytes == 2 * whole.layer_bytes
-    assert capped.weight_device_bytes <= room < capped.weight_device_bytes + whole.layer_bytes
-    assert capped.kv_bytes == whole.kv_bytes  # the run's own needs do not change
-    assert within(whole, 0.1).resident == 0  # --novram: ComfyUI grants nothing, every layer streams
-    assert within(decide("int8", 12), 0.1).resident == 0
-
 
 def test_bytes_on_a_device_count_shared_buffers_once(tiny_model):
     """What a backbone already holds on a device is room for placing it again there."""
