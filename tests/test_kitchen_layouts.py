@@ -126,7 +126,10 @@ def test_the_int4_layout_computes_the_clis_int4(int4_layout, quantized):
 
 
 def test_int4_registration_needs_comfyui_and_is_idempotent(int4_layout, monkeypatch):
-    assert int4_layout.register() is False  # the stand-in host has no comfy.quant_ops
+    without = types.ModuleType("comfy.quant_ops")  # core installed without comfy-kitchen: no layouts at all
+    without._CK_AVAILABLE = False
+    monkeypatch.setitem(sys.modules, "comfy.quant_ops", without)
+    assert int4_layout.register() is False
     with pytest.raises(RuntimeError, match="int4 weights need ComfyUI with comfy-kitchen"):
         int4_layout.with_int4(object)
     quant_ops = types.ModuleType("comfy.quant_ops")  # what ComfyUI 0.33's module offers the layout
