@@ -142,34 +142,34 @@ class CoreLinear(torch.nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
-def core_backbone(bb, fmt, ck):
-    """A copy of `bb` whose decoder matrices compute as ComfyUI 0.33 does with a file of `fmt`."""
+def with_matrices(bb, make):
+    """A copy of `bb` whose decoder matrices are `make(weight in float32, bias or None)`."""
     q = copy.deepcopy(bb)
     for layer in q.layers:
         for path in LINEARS:
             parent_name, name = path.split(".")
             parent = getattr(layer, parent_name)
             lin = getattr(parent, name)
-            w = lin.weight.detach().float()
-            stored = quantize_stored(w, fmt) if fmt != "w4a8" else {"weight": None, "weight_scale": None}
-            setattr(parent, name, CoreLinear(fmt, stored, None if lin.bias is None else lin.bias.detach(), ck, w))
+            setattr(parent, name, make(lin.weight.detach().float(), None if lin.bias is None else lin.bias.detach()))
     return q
+
+
+def core_backbone(bb, fmt, ck):
+    """A copy of `bb` whose decoder matrices compute as ComfyUI 0.33 does with a file of `fmt`."""
+    def make(w, bias):
+        stored = quantize_stored(w, fmt) if fmt != "w4a8" else {"weight": None, "weight_scale": None}
+        return CoreLinear(fmt, stored, bias, ck, w)
+    return with_matrices(bb, make)
 
 
 def per_row_fp8(bb):
     """The pack's earlier fp8: one scale per output row."""
-    q = copy.deepcopy(bb)
-    for layer in q.layers:
-        for path in LINEARS:
-            parent_name, name = path.split(".")
-            parent = getattr(layer, parent_name)
-            lin = getattr(parent, name)
-            w = lin.weight.detach().float()
-            rows = torch.where(w.abs().amax(dim=1) > 0, w.abs().amax(dim=1) / 448, torch.ones(w.shape[0]))
-            stored = {"weight": (w / rows[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn),
-                      "weight_scale": rows[:, None]}
-            setattr(parent, name, module_from_stored("fp8", stored, None if lin.bias is None else lin.bias.detach()))
-    return q
+    def make(w, bias):
+        rows = torch.where(w.abs().amax(dim=1) > 0, w.abs().amax(dim=1) / 448, torch.ones(w.shape[0]))
+        stored = {"weight": (w / rows[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn),
+                  "weight_scale": rows[:, None]}
+        return module_from_stored("fp8", stored, bias)
+    return with_matrices(bb, make)
 
 
 def main(argv=None):
