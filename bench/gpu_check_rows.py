@@ -260,8 +260,12 @@ def kernels(fmt: str):
                 got = run_image(qb, head, ck.steps, "off", ck.timed)
             precision = "fp8" if fmt == "fp8" else "bfloat16" if fmt == "int4" else None  # what activations pass
             m = qb.layers[0].mlp.up_proj  # what it chose, read after its first use (int4 picks then on a CPU)
-            fig.values["kernel"] = {a: str(getattr(m, a)) for a in ("int8_mm", "scaled_mm", "kernel") if hasattr(m, a)}
+            fig.values["kernel"] = {a: str(getattr(m, a)) for a in ("path", "scaled_mm", "kernel") if hasattr(m, a)}
             print(f"    {type(m).__name__}, kernel choice: {fig.values['kernel'] or 'not reported'}", flush=True)
+            if ck.cuda:  # a probe that turned the kernel off would make the comparison below dequantized twice
+                used = {"int4": m.__dict__.get("kernel") == "cuda", "fp8": bool(getattr(m, "scaled_mm", False)),
+                        "int8": getattr(m, "path", None) in ("compiled", "buffer")}[fmt]
+                fig.check(f"{fmt} runs its CUDA path", used, str(fig.values["kernel"] or "not reported"))
             fig.compare(f"{fmt} kernels vs dequantized", got.tokens, ref.tokens, ck.bound(precision))
             floor = ck.floor_ms(qb, head)
             fig.speed(got.speed(fmt, "eager", floor))
