@@ -5,7 +5,7 @@ import torch
 from nextstep_core.errors import SettingsError
 from nextstep_core.noise import TokenNoise, make_generator
 from nextstep_core.samplers import (cfg_values, check_guidance, check_sampler, combine_cfg, draws_per_token,
-                                    sde_step, shift_time, time_grid)
+                                    get_sampler, sde_step, shift_time)
 
 
 def test_shift_is_identity_at_one_and_pushes_time_towards_noise_above_one():
@@ -17,10 +17,10 @@ def test_shift_is_identity_at_one_and_pushes_time_towards_noise_above_one():
 
 
 def test_nextstep1_grid_stops_short_of_one_and_the_11_grid_ends_at_one():
-    g1 = time_grid("nextstep1", 28, 3.2)
+    g1 = get_sampler("nextstep1").time_grid(28, 3.2)
     assert g1.shape == (28,) and g1[0] == 0
     torch.testing.assert_close(g1[-1], shift_time(torch.tensor(0.96), 3.2))
-    g2 = time_grid("nextstep1.1", 28, 1.0)
+    g2 = get_sampler("nextstep1.1").time_grid(28, 1.0)
     assert g2.shape == (29,) and g2[-1] == 1.0
     torch.testing.assert_close(g2[:-1], torch.arange(28) / 28)
 
