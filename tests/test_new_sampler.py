@@ -7,7 +7,6 @@ import importlib
 import sys
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 import test_nodes as node_calls
