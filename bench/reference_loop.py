@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nextstep_core.samplers import combine_cfg, sde_step, time_grid
+from nextstep_core.samplers import combine_cfg, get_sampler, sde_step
 
 
 def _attn_layer(layer, x, past, mask2d, pos):
@@ -59,7 +59,7 @@ def sample_tokens(bb, head, input_ids, attention_mask, cfg_mult, n_tokens, steps
     timers["prefill"] += tick() - t0
     c = hidden[:, -1]
     mask = attention_mask
-    t = time_grid("nextstep1", steps, shift)
+    t = get_sampler("nextstep1").time_grid(steps, shift)
     tokens = []
     for k in range(n_tokens):
         t0 = tick()

@@ -15,7 +15,7 @@ from .errors import NextStepError
 from .presets import preset
 from .progress_line import ProgressLine
 from .weights.quant import FORMATS
-from .samplers import SAMPLERS
+from .samplers import CFG_SCHEDULES, sampler_names
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -32,8 +32,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shift", type=float, help="timesteps shift (1 = none)")
     p.add_argument("--use-norm", action=argparse.BooleanOptionalAction, default=None,
                    help="layer-normalise each sampled token (edit model: on)")
-    p.add_argument("--cfg-schedule", choices=["constant", "linear", "linear-ramp"])
-    p.add_argument("--sampler", choices=sorted(SAMPLERS))
+    p.add_argument("--cfg-schedule", choices=list(CFG_SCHEDULES))
+    p.add_argument("--sampler", choices=sampler_names())
     p.add_argument("--seed", type=int)
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")

@@ -17,10 +17,7 @@ from .backbone import Backbone
 from .flow_head import FlowHead
 from .kv_cache import StaticKVCache
 from .noise import TokenNoise
-from .samplers import (cfg_values, cfg_weights, combine_cfg, draws_per_token, sde_scalars, sde_step_from,
-                       step_coefficients, time_grid)
-
-LAST_STEP = 0.04  # the August-2025 head's final deterministic Euler step
+from .samplers import cfg_values, cfg_weights, combine_cfg, draws_per_token, get_sampler
 
 TokenCallback = Callable[[int, int, torch.Tensor], None]
 
@@ -44,6 +41,7 @@ class TokenLoop:
 
     def __init__(self, backbone: Backbone, head: FlowHead, settings: SamplingSettings):
         self.bb, self.head, self.s = backbone, head, settings
+        self.sampler = get_sampler(settings.sampler)
         if settings.compile:
             # optional and never required: the eager step is the reference, compiling only fuses it
             if not settings.exact:
@@ -55,23 +53,15 @@ class TokenLoop:
 
     def schedule(self, rows: int, n_tokens: int, device):
         """Everything the loop needs that does not depend on the tokens, made once per image:
-        the time grid, its embeddings, the CFG scales, and the sampler's per-step scalars."""
-        s = self.s
-        t = time_grid(s.sampler, s.steps, s.shift).to(device)
-        self.t, self.t_eval = t, t[: s.steps]
-        self.dts = t[1:] - t[:-1] if t.shape[0] > s.steps else None
-        self.t_emb = self.head.time_embeddings(self.t_eval, rows)
+        the time grid, its embeddings, the CFG scales, and the sampler's per-step constants."""
+        s, sampler = self.s, self.sampler
+        t = sampler.time_grid(s.steps, s.shift).to(device)
+        self.t_emb = self.head.time_embeddings(t[: s.steps], rows)
         self.scales = cfg_values(s.cfg_schedule, s.cfg, s.cfg_img, n_tokens).to(torch.float32).to(device)
-        if s.sampler == "nextstep1":  # N-1 SDE steps between the evaluation times, then one Euler step
-            sde_t = [t[i] for i in range(s.steps - 1)]
-            sde_dt = [t[i + 1] - t[i] for i in range(s.steps - 1)]
-        elif s.sampler == "nextstep1.1":
-            sde_t, sde_dt = [t[i] for i in range(s.steps)], [self.dts[i] for i in range(s.steps)]
+        if s.exact:  # the reference's scalars for each step, computed once with its own operations (same bits)
+            self.constants, self.fast_coefs = sampler.constants(t, s.steps), None
         else:
-            sde_t, sde_dt = [], []
-        # the reference's scalars for each SDE step, computed once with its own operations (same bits)
-        self.sde = [sde_scalars(ti, dti) for ti, dti in zip(sde_t, sde_dt)]
-        self.fast_coefs = None if s.exact else step_coefficients(s.sampler, s.steps, t, self.dts, LAST_STEP)
+            self.constants, self.fast_coefs = None, sampler.coefficients(t, s.steps)
 
     def sample_token(self, hidden: torch.Tensor, z: torch.Tensor, scale: torch.Tensor, cfg_mult: int) -> torch.Tensor:
         """One image token from the state before it: the head's N steps with CFG, then use_norm.
@@ -79,7 +69,7 @@ class TokenLoop:
         Returns the token in the backbone dtype."""
         if not self.s.exact:
             return self.sample_token_fast(hidden, z, scale, cfg_mult)
-        s, head, bb = self.s, self.head, self.bb
+        head, bb = self.head, self.bb
         c = bb.image_out_projector(hidden)
         if c.dtype != head.dtype:
             c = c.to(head.dtype)
@@ -91,16 +81,7 @@ class TokenLoop:
             out = head.velocity(x if x.dtype == head.dtype else x.to(head.dtype), mods, i)
             return combine_cfg(out if out.dtype == torch.float32 else out.to(torch.float32), cfg_mult, cfg_k, img_k)
 
-        x = z[0]
-        if s.sampler == "ode":
-            for i in range(s.steps):
-                x = x + v(x, i) * self.dts[i]
-        else:
-            for i, scalars in enumerate(self.sde):
-                x = sde_step_from(x, v(x, i), scalars, z[i + 1])
-            if s.sampler == "nextstep1":
-                x = x + v(x, s.steps - 1) * LAST_STEP
-        return self._finish(x)
+        return self._finish(self.sampler.sample(v, z, self.constants))
 
     def sample_token_fast(self, hidden: torch.Tensor, z: torch.Tensor, scale: torch.Tensor, cfg_mult: int) -> torch.Tensor:
         """The same sampler with the arithmetic folded: per step x <- A x + sum_j B_j v_j + C w,

@@ -1,5 +1,8 @@
-"""The settings each official model card recommends, so picking a model picks its settings."""
+"""The settings each official model card recommends, so picking a model picks its settings.
+The sampler is the one whose `default_for` lists the variant (samplers/)."""
 from __future__ import annotations
+
+from .samplers import default_sampler
 
 CARD_NEGATIVE = ("lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, cropped, "
                  "worst quality, low quality, normal quality, jpeg artifacts, signature, watermark, username, blurry.")
@@ -9,11 +12,11 @@ V11_NEGATIVE = ("lowres, bad anatomy, bad hands, bad texts, bad layout, error, m
 CARD_POSITIVE = "masterpiece, film grained, best quality."
 
 _T2I_V1 = dict(width=512, height=512, cfg=7.5, cfg_img=1.0, cfg_schedule="constant", steps=28, shift=1.0,
-               use_norm=False, sampler="nextstep1", positive=CARD_POSITIVE, negative=CARD_NEGATIVE, seed=3407)
+               use_norm=False, positive=CARD_POSITIVE, negative=CARD_NEGATIVE, seed=3407)
 _T2I_V11 = dict(width=512, height=512, cfg=7.5, cfg_img=1.0, cfg_schedule="constant", steps=30, shift=1.0,
-                use_norm=False, sampler="nextstep1.1", positive="", negative=V11_NEGATIVE, seed=42)
+                use_norm=False, positive="", negative=V11_NEGATIVE, seed=42)
 _EDIT = dict(width=512, height=512, cfg=7.5, cfg_img=2.0, cfg_schedule="constant", steps=50, shift=3.2,
-             use_norm=True, sampler="nextstep1", positive="", negative="Copy original image.", seed=42)
+             use_norm=True, positive="", negative="Copy original image.", seed=42)
 
 PRESETS = {
     "nextstep1-large": _T2I_V1,                # stepfun-ai/NextStep-1-Large model card
@@ -24,5 +27,9 @@ PRESETS = {
 }
 
 
+FALLBACK = "nextstep1-large"  # a folder whose variant is not known gets the NextStep-1-Large card
+
+
 def preset(variant: str) -> dict:
-    return dict(PRESETS.get(variant, _T2I_V1))
+    known = variant if variant in PRESETS else FALLBACK
+    return {**PRESETS[known], "sampler": default_sampler(known)}

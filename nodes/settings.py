@@ -11,15 +11,13 @@ import math
 from ..nextstep_core.engine import SamplingSettings
 from ..nextstep_core.errors import SettingsError
 from ..nextstep_core.images import MULTIPLE, bucket_sizes
-from ..nextstep_core.presets import PRESETS
-from ..nextstep_core.samplers import SAMPLERS as ENGINE_SAMPLERS
+from ..nextstep_core.presets import preset
+from ..nextstep_core.samplers import CFG_SCHEDULES, get_sampler, sampler_names
 from .sockets import BACKBONE, FLOW_HEAD, VAE
 
 CATEGORY = "NextStep"
 MAX_SIZE = 2048
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
-SAMPLERS = ["auto"] + list(ENGINE_SAMPLERS)
-CFG_SCHEDULES = ["constant", "linear", "linear-ramp"]
 CFG_RANGE = (1.0, 30.0)
 SHIFT_RANGE = (0.05, 20.0)
 
@@ -49,6 +47,23 @@ def cfg_input(default: float, tooltip: str):
                       "tooltip": tooltip})
 
 
+def sampler_choices() -> list[str]:
+    """Read when ComfyUI asks for INPUT_TYPES, so every sampler module of the engine is offered."""
+    return ["auto"] + sampler_names()
+
+
+def sampler_tooltip() -> str:
+    samplers = [get_sampler(name) for name in sampler_names()]
+    own = "; ".join(f"{s.name} for {', '.join(s.default_for)}" for s in samplers if s.default_for)
+    return " ".join([f"auto: the loaded model's own sampler ({own})."] +
+                    [f"{s.name}: {s.description}." for s in samplers])
+
+
+def cfg_schedule_tooltip() -> str:
+    return " ".join(["How guidance changes over the image tokens."] +
+                    [f"{name}: {rule.__doc__}" for name, rule in CFG_SCHEDULES.items()])
+
+
 def sampling_inputs(steps: int, shift: float, use_norm: bool) -> dict:
     """steps .. cfg_schedule, in widget order."""
     return {
@@ -63,13 +78,8 @@ def sampling_inputs(steps: int, shift: float, use_norm: bool) -> dict:
         "use_norm": ("BOOLEAN", {"default": use_norm, "tooltip": (
             "LayerNorm each sampled token before it is fed back, as the edit model expects (on for "
             "NextStep-1-Large-Edit, off for the text-to-image models).")}),
-        "sampler": (SAMPLERS, {"default": "auto", "tooltip": (
-            "auto: the loaded model's own sampler (nextstep1 for NextStep-1 models, nextstep1.1 for NextStep-1.1). "
-            "nextstep1: SDE steps then a final Euler step (Aug 2025 release). nextstep1.1: SDE steps ending at t=1. "
-            "ode: deterministic Euler, noise only at the start (not an official setting).")}),
-        "cfg_schedule": (CFG_SCHEDULES, {"default": "constant", "tooltip": (
-            "How guidance changes over the image tokens. constant: the official default. linear: starts at cfg and "
-            "falls to 1 by the last token. linear-ramp: starts at cfg/2 and rises to cfg.")}),
+        "sampler": (sampler_choices(), {"default": "auto", "tooltip": sampler_tooltip()}),
+        "cfg_schedule": (list(CFG_SCHEDULES), {"default": "constant", "tooltip": cfg_schedule_tooltip()}),
     }
 
 
@@ -81,13 +91,13 @@ def seed_input(default: int):
 def resolve_sampler(sampler: str, backbone) -> str:
     if sampler != "auto":
         return sampler
-    return PRESETS.get(getattr(backbone, "variant", None) or "", PRESETS["nextstep1-large"])["sampler"]
+    return preset(getattr(backbone, "variant", None) or "")["sampler"]
 
 
 def sampling(backbone, *, cfg: float, cfg_img: float, cfg_schedule: str, steps: int, timesteps_shift: float,
              use_norm: bool, sampler: str) -> SamplingSettings:
-    if sampler not in SAMPLERS:
-        raise SettingsError(f"sampler={sampler!r} is not one of {', '.join(SAMPLERS)}.")
+    if sampler not in sampler_choices():
+        raise SettingsError(f"sampler={sampler!r} is not one of {', '.join(sampler_choices())}.")
     for name, value, bounds, usual in (("cfg", cfg, CFG_RANGE, "7.5"), ("cfg_img", cfg_img, CFG_RANGE, "2.0"),
                                        ("timesteps_shift", timesteps_shift, SHIFT_RANGE, "1.0, or 3.2 for edits")):
         problem = number_problem(name, value, bounds, usual)
