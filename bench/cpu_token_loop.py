@@ -109,7 +109,7 @@ def main(argv=None):
     with torch.inference_mode():
         ref_total, ref = (None, None) if args.no_reference else run_reference(bb, head, ids, mask, n_tokens, args)
         if args.quant:
-            from nextstep_core.weights.quant import quantize_backbone
+            from nextstep_core.weights.convention import quantize_backbone
             quantize_backbone(bb, args.quant)
         run_engine(bb, head, ids, mask, 4, args)  # warm-up
         eng_total, eng = run_engine(bb, head, ids, mask, n_tokens, args)

@@ -76,7 +76,7 @@ def build(shape: dict, device: torch.device, dtype: torch.dtype, seed: int = 0):
 def quantized_copy(bb: Backbone, fmt: str) -> Backbone:
     """A backbone whose decoder layers are `fmt` copies of `bb`'s, quantized by the loader's own entry
     point; the small parts (embedding, norm, projectors) are `bb`'s own modules, shared."""
-    from nextstep_core.weights.quant import quantize_layer
+    from nextstep_core.weights.convention import quantize_layer
     with torch.device("meta"):
         qb = Backbone(bb.cfg)
     for name, child in bb.named_children():

@@ -49,7 +49,7 @@ def build(shape, device, dtype, quant):
         for p in m.parameters():
             p.data = (torch.randn(p.shape, device=device, dtype=torch.float32) * (0.5 / p.shape[-1] ** 0.5)).to(dtype)
     if quant:
-        from nextstep_core.weights.quant import quantize_backbone
+        from nextstep_core.weights.convention import quantize_backbone
         quantize_backbone(bb, quant)
     return bb.eval(), head.eval()
 

@@ -83,7 +83,7 @@ def build(layers=4, heads=8, kv=2, head_dim=16, mlp=96, head_width=64, head_laye
         for p in m.parameters():
             p.data = (torch.randn(p.shape, generator=g) * (0.5 / p.shape[-1] ** 0.5)).to(dtype)
     if quant:
-        from nextstep_core.weights.quant import quantize_backbone
+        from nextstep_core.weights.convention import quantize_backbone
         quantize_backbone(bb, quant)
     return bb.eval(), head.eval()
 

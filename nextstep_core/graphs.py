@@ -158,7 +158,7 @@ def release_if_moved(part) -> None:
 
 
 def _room_for(step_cache_bytes: int, device: torch.device) -> bool:
-    from .memory import SLACK, free_bytes
+    from .devices import SLACK, free_bytes
     free = free_bytes(device)
     return free is None or step_cache_bytes + SLACK <= free
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from host_stand_in import PACK_NAME, host, models_dir, pack  # noqa: F401
 from nextstep_core.checkpoint import load_backbone
 from nextstep_core.cli import main as cli_main
-from nextstep_core.token_error import relative_error
+from bench.token_error import relative_error
 
 ck_tensor = pytest.importorskip("comfy_kitchen.tensor")
 QuantizedTensor = ck_tensor.QuantizedTensor

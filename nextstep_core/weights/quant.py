@@ -283,33 +283,6 @@ def probe_fp8_matmul(device: torch.device) -> bool:
     return kernel_agrees("fp8", device, lambda: fp8_linear(x, q, scale), dequantized_linear(x.float(), q, scale), 0.1)
 
 
-def quantize_layer(layer: nn.Module, fmt: str) -> nn.Module:
-    """Swap a decoder layer's seven Linears for quantized ones; each original is dropped as soon as
-    its replacement exists, so the extra memory is one matrix, not one layer. The modules are made
-    as the loaders make them (convention.py), so this gives a file's layers exactly."""
-    from .convention import module_from_stored, quantize_stored
-    check_format(fmt)
-    for path in LINEARS:
-        parent_name, name = path.split(".")
-        parent = getattr(layer, parent_name)
-        old = getattr(parent, name)
-        if isinstance(old, QUANTIZED):
-            raise SettingsError(f"This layer is already quantized ({old.fmt}); load the full-precision weights to "
-                                f"quantize them as {fmt}.")
-        bias = None if old.bias is None else old.bias.detach()
-        setattr(parent, name, module_from_stored(fmt, quantize_stored(old.weight.detach(), fmt), bias))
-        del old
-    return layer
-
-
-def quantize_backbone(backbone: nn.Module, fmt: str) -> nn.Module:
-    """In place, layer by layer; the LM head, embeddings, norms and projectors stay as they are."""
-    check_format(fmt)
-    for layer in backbone.layers:
-        quantize_layer(layer, fmt)
-    return backbone
-
-
 def empty_quantized_layers(backbone: nn.Module, fmt: str) -> None:
     """Replace the seven Linears of every layer with placeholders of the right storage dtypes,
     for `load_state_dict(assign=True)` of a pre-quantized file."""
