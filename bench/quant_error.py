@@ -249,7 +249,7 @@ def main(argv=None):
             row(name, q, head, run, s, ref, ref_h, args.seed)
         if bb.dtype != torch.float32:  # how far the reference itself is from float32: the scale of "small"
             row("float32, not quantized", copy.deepcopy(bb).float(), head, run, s, ref, ref_h, args.seed)
-    print("\nWeights at the 14B shapes (GB = 1e9 bytes; bf16 for everything not 8-bit):\n")
+    print("\nWeights at the 14B shapes (GB = 1e9 bytes; bf16 for everything not quantized):\n")
     print("| format | decoder matrices (+ scales) | embeddings, norms, biases, projectors | LM head | flow head | "
           "file with LM head | without |")
     print("|---|---|---|---|---|---|---|")

@@ -57,12 +57,6 @@ class MemoryPlan:
     def host_bytes(self) -> int:
         return self.streamed_bytes
 
-    @property
-    def weight_device_bytes(self) -> int:
-        """What stays on the device between runs: weights kept there, the prefetch buffers and a kept
-        capture (the run's KV cache and activations live only while a run does)."""
-        return self.fixed_weight_bytes + self.resident * self.layer_bytes + self.buffer_bytes + self.capture_bytes
-
     def seconds_per_token(self, pcie_gbps: float = PCIE_GBPS) -> float:
         """The time streaming adds per token, when the copies are not hidden behind compute."""
         return self.streamed_bytes / (pcie_gbps * 1e9)

@@ -1,4 +1,4 @@
-"""8-bit backbone weights: the linears, load-time quantization, pre-quantized files, the CLI.
+"""Quantized backbone weights (int8, fp8, int4): the linears, load-time quantization, pre-quantized files, the CLI.
 
 Quality is measured teacher-forced (each token sampled from the state after the reference's
 previous tokens, with the reference's noise) because a free-running comparison on random weights

@@ -36,7 +36,6 @@ from .quant import LINEARS, MODULES, QMAX, QUANTIZED, check_format, quantize_wei
 
 META_KEY = "_quantization_metadata"
 CORE_FORMAT = {"int8": "int8_tensorwise", "fp8": "float8_e4m3fn", "int4": "nextstep_int4"}
-PACK_FORMAT = {v: k for k, v in CORE_FORMAT.items()}
 SCALE = "weight_scale"
 EARLIER_SCALE = "scale"
 STORED_DTYPES = {"int8": (torch.int8, torch.float32), "fp8": (torch.float8_e4m3fn, torch.float32),
@@ -169,16 +168,3 @@ def declared_layers(metadata: dict) -> dict:
                               "is damaged. Make it again.") from None
     return layers
 
-
-def convert_earlier_state(state: dict, fmt: str, layers) -> tuple[dict, str]:
-    """A state dict read from one of the pack's earlier files, with the names of its quantized
-    `layers` -> (the state dict in ComfyUI's convention, its `_quantization_metadata` value), for a
-    host that loads files through its own reader (ComfyUI's mixed-precision layers)."""
-    out = dict(state)
-    entries = {}
-    for layer in layers:
-        weight, scale = out.pop(f"{layer}.weight"), out.pop(f"{layer}.{EARLIER_SCALE}")
-        stored = to_core(fmt, from_earlier(fmt, weight, scale))
-        out[f"{layer}.weight"], out[f"{layer}.{SCALE}"] = stored["weight"], stored[SCALE]
-        entries[layer] = layer_entry(fmt, stored)
-    return out, metadata_entry(entries)

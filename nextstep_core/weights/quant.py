@@ -1,4 +1,5 @@
-"""Weight-only 8-bit linears for the backbone's decoder layers.
+"""Weight-only int8 and fp8 linears for the backbone's decoder layers, and what every weight format
+shares (the format names, the module table, `format_of`); int4's own linear is in int4.py.
 
 Decoding is bound by reading weights, so halving their bytes halves the floor of every token step.
 Only the seven matrices of each decoder layer are quantized (88% of the bytes at 14B); the
@@ -177,9 +178,6 @@ class Fp8Linear(QuantLinear):
             return fp8_linear(x, weight, scale, bias)
         return dequantized_linear(x, weight, scale, bias)
 
-    def fp8_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.scale, self.bias)
-
 
 def dequantized_linear(x, weight, scale, bias=None) -> torch.Tensor:
     y = F.linear(x, weight.to(x.dtype)) * scale  # float32: the scale adds no rounding
@@ -303,6 +301,6 @@ def format_of(backbone: nn.Module) -> str | None:
 
 
 def quantized_names(module: nn.Module) -> set[str]:
-    """State-dict names whose stored dtype is the data itself (8-bit weights and their scales)."""
+    """State-dict names whose stored dtype is the data itself (quantized weights and their scales)."""
     return {f"{n}.{t}" if n else t for n, m in module.named_modules() if isinstance(m, QUANTIZED)
             for t in ("weight", "scale")}

@@ -1,5 +1,6 @@
-"""Pre-quantized single-file checkpoints: the 8-bit backbone, its LM head and the flow head in one
-.safetensors, so a 14B model is a ~16 GB download instead of ~30 GB.
+"""Pre-quantized single-file checkpoints: the quantized backbone (int8, fp8 or int4), its LM head and
+the flow head in one .safetensors, so a 14B model is a ~16 GB download in int8 or fp8 (less in int4)
+instead of ~30 GB.
 
 Layout: the seven decoder matrices of every layer in ComfyUI's convention for quantized layers
 (`<name>.weight` + `<name>.weight_scale`, declared in the header's `_quantization_metadata`; see
@@ -39,7 +40,8 @@ def file_metadata(path: str) -> dict:
 
 
 def file_format(path: str) -> str | None:
-    """The 8-bit format a .safetensors file was written in, or None for ordinary weights."""
+    """The weight format (int8, fp8 or int4) a .safetensors file was written in, or None for ordinary
+    weights."""
     fmt = file_metadata(path).get(META_FORMAT)
     if fmt is not None and fmt not in FORMATS:
         raise CheckpointError(f"{path} holds weights in the format {fmt!r}, which this version does not know "
@@ -75,7 +77,7 @@ def pick_quantized(path: str, quant: str | None) -> str | None:
         if file_format(path) is None:
             raise CheckpointError(
                 f"{path} is not a pre-quantized NextStep file (its header has no {META_FORMAT} entry). Give the model "
-                f"folder instead (with an 8-bit format to quantize while loading), or make such a file with "
+                f"folder instead (with a weight format to quantize it while loading), or make such a file with "
                 f"`{MAKE_ONE}`.")
         fmt = file_format(path)
         if quant is not None and quant != fmt:
