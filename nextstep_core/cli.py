@@ -140,7 +140,7 @@ def run_generation(args) -> int:
         raise NextStepError("--model is required: a NextStep model folder or Hugging Face repo id (or --server URL).")
     from .checkpoint import load_backbone, load_flow_head, load_vae, model_variant
     from .devices import resolve_device, resolve_dtype
-    from .engine import SamplingSettings
+    from .engine import Execution, SamplingSettings
     from .images import open_image
     from .pipeline import NextStepPipeline, Request
 
@@ -165,12 +165,13 @@ def run_generation(args) -> int:
     settings = SamplingSettings(
         cfg=pick(args.cfg, "cfg"), cfg_img=pick(getattr(args, "cfg_img", None), "cfg_img") if editing else 1.0,
         cfg_schedule=pick(args.cfg_schedule, "cfg_schedule"), steps=pick(args.steps, "steps"),
-        shift=pick(args.shift, "shift"), use_norm=pick(args.use_norm, "use_norm"), sampler=pick(args.sampler, "sampler"),
-        exact=args.exact, compile="inductor" if args.compile else None)
+        shift=pick(args.shift, "shift"), use_norm=pick(args.use_norm, "use_norm"), sampler=pick(args.sampler, "sampler"))
+    execution = Execution(exact=args.exact, compile="inductor" if args.compile else None)
     req = Request(prompts=args.prompt, positive=pick(args.positive, "positive"), negative=pick(args.negative, "negative"),
                   width=args.width if args.width or not editing else None,
                   height=args.height if args.height or not editing else None,
-                  images_per_prompt=args.num_images, seed=pick(args.seed, "seed"), sampling=settings)
+                  images_per_prompt=args.num_images, seed=pick(args.seed, "seed"), sampling=settings,
+                  execution=execution)
     if not editing:
         req.width, req.height = pick(args.width, "width"), pick(args.height, "height")
     if args.command == "generate":
@@ -246,7 +247,7 @@ def _stream(args, backbone, req, settings, device, editing) -> None:
     p = plan(backbone.cfg, format_of(backbone), backbone.dtype.itemsize, width=width, height=height, batch=batch,
              cfg_rows=cfg_mult_for(settings.cfg, settings.cfg_img, editing), context_tokens=context,
              free_bytes=free, gpu_layers=layers, lm_head=backbone.lm_head is not None or reasons,
-             graphs=device.type == "cuda" and settings.cuda_graphs != "off")
+             graphs=device.type == "cuda" and req.execution.cuda_graphs != "off")
     stream_layers(backbone, p.resident, device, p)
     if not args.quiet:
         print(f"low-VRAM mode: {p.describe()}", file=sys.stderr)
@@ -259,6 +260,7 @@ def _storyboard(args, pipe, req, settings, variant, t1, sync=None) -> int:
     progress = ProgressLine(sys.stderr, quiet=args.quiet, passes=len([p for p in prompts if p.strip()]), sync=sync)
     panels = Storyboard(pipe).run(prompts, width=req.width, height=req.height, seed=req.seed, sampling=settings,
                                   negative=req.negative, positive=req.positive, style=args.style,
+                                  execution=req.execution,
                                   callback=lambda _panel, done, total, tokens: progress(done, total, tokens))
     images = torch.cat([p.image for p in panels])
     paths = output_paths(args.out, images.shape[0])

@@ -8,7 +8,7 @@ from .errors import DeviceError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-SLACK = 256 * 2 ** 20  # left free beyond what is counted: allocator fragmentation, CUDA graphs' pools, small temporaries
+SLACK = 256 * 2 ** 20  # kept free beyond what is counted: allocator fragmentation, CUDA graphs, temporaries
 
 
 def resolve_device(name: str | None = "auto") -> torch.device:

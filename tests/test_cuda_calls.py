@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nextstep_core import graphs
-from nextstep_core.engine import SamplingSettings
+from nextstep_core.engine import Execution, SamplingSettings
 from nextstep_core.pipeline import Request
 from parity_support import assert_tokens_close
 
@@ -171,7 +171,7 @@ def test_attended_lengths_are_multiples_of_16_where_padding_applies(tiny_pipelin
     fast = SamplingSettings(steps=2, cfg=3.0)
     t2i = Request(["a red cup"], 48, 32, seed=4, sampling=fast)
     cot = Request(["a red cup"], 32, 32, seed=4, sampling=fast, reasoning=ReasoningSettings(mode="think", max_tokens=3))
-    exact = Request(["a red cup"], 48, 32, seed=4, sampling=SamplingSettings(steps=2, cfg=3.0, exact=True))
+    exact = Request(["a red cup"], 48, 32, seed=4, sampling=fast, execution=Execution(exact=True))
     board = Storyboard(tiny_pipeline)
     story = lambda: board.run(["one", "two"], width=32, height=32, seed=1, sampling=fast)  # noqa: E731
     before = [tiny_pipeline.run(r).tokens for r in (t2i, cot, exact)] + [p.tokens for p in story()]
