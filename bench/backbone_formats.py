@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nextstep_core.backbone import Backbone  # noqa: E402
 from nextstep_core.config import BackboneConfig  # noqa: E402
-from nextstep_core.weights.quant import quantize_backbone  # noqa: E402
+from nextstep_core.weights.convention import quantize_backbone  # noqa: E402
 
 
 def layer_bytes(bb) -> int:

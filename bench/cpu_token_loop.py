@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.reference_loop import sample_tokens as reference_tokens  # noqa: E402
 from nextstep_core.backbone import Backbone  # noqa: E402
 from nextstep_core.config import BackboneConfig, FlowHeadConfig  # noqa: E402
-from nextstep_core.engine import SamplingSettings, TokenLoop, noise_for  # noqa: E402
+from nextstep_core.engine import Execution, SamplingSettings, TokenLoop, noise_for  # noqa: E402
 from nextstep_core.flow_head import FlowHead  # noqa: E402
 from nextstep_core.noise import make_generator  # noqa: E402
 
@@ -60,7 +60,7 @@ def timed(obj, name, timers, key):
 
 def run_engine(bb, head, ids, mask, n_tokens, args):
     timers = defaultdict(float)
-    s = SamplingSettings(cfg=args.cfg, steps=args.steps, exact=args.exact)
+    s = SamplingSettings(cfg=args.cfg, steps=args.steps)
     timed(bb, "step", timers, "backbone")
     for name in HEAD_PARTS:
         timed(head, name, timers, "head")
@@ -70,7 +70,7 @@ def run_engine(bb, head, ids, mask, n_tokens, args):
     timers["prefill"] = time.perf_counter() - t0
     noise = noise_for(s, make_generator(0), 1, ids.shape[0] // 2, 64, "cpu", n_tokens)
     t1, c1 = time.perf_counter(), time.process_time()
-    TokenLoop(bb, head, s).run(hidden, cache, 2, n_tokens, noise)
+    TokenLoop(bb, head, s, Execution(exact=args.exact)).run(hidden, cache, 2, n_tokens, noise)
     total = time.perf_counter() - t1
     timers["cpu"] = time.process_time() - c1
     for name in ("step",) + HEAD_PARTS:
@@ -109,7 +109,7 @@ def main(argv=None):
     with torch.inference_mode():
         ref_total, ref = (None, None) if args.no_reference else run_reference(bb, head, ids, mask, n_tokens, args)
         if args.quant:
-            from nextstep_core.weights.quant import quantize_backbone
+            from nextstep_core.weights.convention import quantize_backbone
             quantize_backbone(bb, args.quant)
         run_engine(bb, head, ids, mask, 4, args)  # warm-up
         eng_total, eng = run_engine(bb, head, ids, mask, n_tokens, args)

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.step_ops import build  # noqa: E402
-from nextstep_core.engine import SamplingSettings, TokenLoop, noise_for  # noqa: E402
+from nextstep_core.engine import Execution, SamplingSettings, TokenLoop, noise_for  # noqa: E402
 from nextstep_core.noise import make_generator  # noqa: E402
 
 
@@ -32,15 +32,13 @@ def lockstep(bb, head, n_tokens: int, settings: SamplingSettings, static: bool =
     gen = torch.Generator().manual_seed(seed)
     rows = cfg_mult
     ids = torch.randint(0, 200, (rows, prompt), generator=gen)
-    exact_s = SamplingSettings(**{**settings.__dict__, "exact": True})
-    fast_s = SamplingSettings(**{**settings.__dict__, "exact": False})
     cache_e = bb.new_cache(rows, prompt + n_tokens)
     h_e = bb.prefill(bb.embed(ids), torch.ones_like(ids), cache_e, None)[:, -1]
     cache_f, h_f = copy.deepcopy(cache_e), h_e.clone()
-    le, lf = TokenLoop(bb, head, exact_s), TokenLoop(bb, head, fast_s)
+    le, lf = TokenLoop(bb, head, settings, Execution(exact=True)), TokenLoop(bb, head, settings)
     le.schedule(rows, n_tokens, bb.device)
     lf.schedule(rows, n_tokens, bb.device)
-    noise = noise_for(exact_s, make_generator(seed), 1, rows // cfg_mult, bb.cfg.token_dim, bb.device, n_tokens)
+    noise = noise_for(settings, make_generator(seed), 1, rows // cfg_mult, bb.cfg.token_dim, bb.device, n_tokens)
     pos = torch.tensor([cache_f.length])
     out = []
     for k in range(n_tokens):

@@ -46,7 +46,7 @@ from bench.gpu_check_rows import ROWS, Check, Skip, clear_workspaces  # noqa: E4
 from bench.gpu_check_support import (BOUNDS, CFG, COMPARE, FULL, IMAGE_TOKENS, PROMPT, SMALL,  # noqa: E402
                                      Figures, copy_bandwidth, free_device, host_bandwidth)
 from bench.gpu_check_table import table  # noqa: E402
-from nextstep_core.memory import free_bytes  # noqa: E402
+from nextstep_core.devices import free_bytes  # noqa: E402
 
 CHILD_ROWS = "graph,offload,paged"
 ASYNC = "backend:cudaMallocAsync"

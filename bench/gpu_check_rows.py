@@ -13,7 +13,7 @@ import torch
 from bench.gpu_check_support import (BOUNDS, MB, PROMPT, Figures, ImageRun, PagedLayers, build,
                                      bytes_per_token, fault, free_device, module_bytes, prompt_ids, quantized_copy,
                                      run_image, sdpa_backends, write_dequantized)
-from nextstep_core.memory import free_bytes
+from nextstep_core.devices import free_bytes
 
 LEFT_MB = 64  # device memory an offload may leave behind (allocator rounding, small tables), in MiB
 LABELS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -32,7 +32,7 @@ class Check:
     timed: int
     faults: dict
     start_allocated: int | None = None  # device memory in use before any weight was made
-    start_free: int | None = None       # memory.free_bytes then
+    start_free: int | None = None       # devices.free_bytes then
     copy_gbps: float = float("nan")
     host_gbps: float | None = None
     parts_: tuple | None = None

@@ -15,7 +15,7 @@ from torch import nn
 
 from nextstep_core.backbone import Backbone
 from nextstep_core.config import BackboneConfig, FlowHeadConfig
-from nextstep_core.engine import SamplingSettings, TokenLoop, noise_for
+from nextstep_core.engine import Execution, SamplingSettings, TokenLoop, noise_for
 from nextstep_core.flow_head import FlowHead
 from nextstep_core.noise import make_generator
 
@@ -76,7 +76,7 @@ def build(shape: dict, device: torch.device, dtype: torch.dtype, seed: int = 0):
 def quantized_copy(bb: Backbone, fmt: str) -> Backbone:
     """A backbone whose decoder layers are `fmt` copies of `bb`'s, quantized by the loader's own entry
     point; the small parts (embedding, norm, projectors) are `bb`'s own modules, shared."""
-    from nextstep_core.weights.quant import quantize_layer
+    from nextstep_core.weights.convention import quantize_layer
     with torch.device("meta"):
         qb = Backbone(bb.cfg)
     for name, child in bb.named_children():
@@ -192,7 +192,7 @@ def run_image(bb: Backbone, head: FlowHead, steps: int, graphs: str, timed: int 
     whole cache), stopped after the first COMPARE tokens, or after `timed` more tokens past the first
     two (which include capture and first kernel uses) when timing."""
     dev = bb.device
-    s = SamplingSettings(cfg=CFG, steps=steps, cuda_graphs=graphs)
+    s = SamplingSettings(cfg=CFG, steps=steps)
     ids = prompt_ids(bb.cfg.vocab_size).to(dev)
     stop = max(COMPARE, 2 + timed) if timed else COMPARE
     stamps, kept = [], {}
@@ -215,7 +215,8 @@ def run_image(bb: Backbone, head: FlowHead, steps: int, graphs: str, timed: int 
     prefill = time.perf_counter() - t0
     noise = noise_for(s, make_generator(0), 1, 1, bb.cfg.token_dim, dev, IMAGE_TOKENS)
     try:
-        TokenLoop(bb, head, s).run(hidden, cache, 2, IMAGE_TOKENS, noise, callback=callback)
+        loop = TokenLoop(bb, head, s, Execution(cuda_graphs=graphs))
+        loop.run(hidden, cache, 2, IMAGE_TOKENS, noise, callback=callback)
     except Enough:
         pass
     per = (stamps[1] - stamps[0]) / timed * 1000 if timed else None

@@ -28,7 +28,7 @@ from bench.step_ops import OpCounter  # noqa: E402
 from nextstep_core import graphs  # noqa: E402
 from nextstep_core.backbone import Backbone  # noqa: E402
 from nextstep_core.config import BackboneConfig, FlowHeadConfig  # noqa: E402
-from nextstep_core.engine import SamplingSettings, TokenLoop, noise_for  # noqa: E402
+from nextstep_core.engine import Execution, SamplingSettings, TokenLoop, noise_for  # noqa: E402
 from nextstep_core.flow_head import FlowHead  # noqa: E402
 from nextstep_core.noise import make_generator  # noqa: E402
 
@@ -49,7 +49,7 @@ def build(shape, device, dtype, quant):
         for p in m.parameters():
             p.data = (torch.randn(p.shape, device=device, dtype=torch.float32) * (0.5 / p.shape[-1] ** 0.5)).to(dtype)
     if quant:
-        from nextstep_core.weights.quant import quantize_backbone
+        from nextstep_core.weights.convention import quantize_backbone
         quantize_backbone(bb, quant)
     return bb.eval(), head.eval()
 
@@ -133,14 +133,14 @@ def floor_bytes(bb, head, steps: int, rows: int, avg_ctx: int) -> float:
 
 
 def one_image(bb, head, device, n_tokens, steps, mode) -> float:
-    s = SamplingSettings(cfg=7.5, steps=steps, cuda_graphs=mode)
+    s = SamplingSettings(cfg=7.5, steps=steps)
     ids = torch.randint(0, 1000, (2, PROMPT), device=device)
     sync(device)
     t0 = time.perf_counter()
     cache = bb.new_cache(2, bb.padded_cache_len(PROMPT + n_tokens, False))
     hidden = bb.prefill(bb.embed(ids), torch.ones_like(ids), cache, PROMPT)[:, -1]
     noise = noise_for(s, make_generator(0), 1, 1, 64, device, n_tokens)
-    TokenLoop(bb, head, s).run(hidden, cache, 2, n_tokens, noise)
+    TokenLoop(bb, head, s, Execution(cuda_graphs=mode)).run(hidden, cache, 2, n_tokens, noise)
     sync(device)
     return time.perf_counter() - t0
 

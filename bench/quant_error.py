@@ -39,10 +39,10 @@ from nextstep_core.config import BackboneConfig, FlowHeadConfig  # noqa: E402
 from nextstep_core.engine import SamplingSettings  # noqa: E402
 from nextstep_core.flow_head import FlowHead  # noqa: E402
 from nextstep_core.pipeline import NextStepPipeline, Request  # noqa: E402
-from nextstep_core.weights.convention import module_from_stored, quantize_stored  # noqa: E402
-from nextstep_core.weights.quant import LINEARS, empty_quantized_layers, quantize_backbone, quantized_names  # noqa: E402
+from nextstep_core.weights.convention import module_from_stored, quantize_backbone, quantize_stored  # noqa: E402
+from nextstep_core.weights.quant import LINEARS, empty_quantized_layers, quantized_names  # noqa: E402
 from nextstep_core.tiny import write_tiny  # noqa: E402
-from nextstep_core.token_error import relative_error, teacher_forced  # noqa: E402
+from bench.token_error import relative_error, teacher_forced  # noqa: E402
 
 FULL = BackboneConfig(hidden_size=5120, num_layers=48, num_heads=40, num_kv_heads=8, head_dim=128,
                       intermediate_size=13824, vocab_size=152064)
@@ -249,7 +249,7 @@ def main(argv=None):
             row(name, q, head, run, s, ref, ref_h, args.seed)
         if bb.dtype != torch.float32:  # how far the reference itself is from float32: the scale of "small"
             row("float32, not quantized", copy.deepcopy(bb).float(), head, run, s, ref, ref_h, args.seed)
-    print("\nWeights at the 14B shapes (GB = 1e9 bytes; bf16 for everything not 8-bit):\n")
+    print("\nWeights at the 14B shapes (GB = 1e9 bytes; bf16 for everything not quantized):\n")
     print("| format | decoder matrices (+ scales) | embeddings, norms, biases, projectors | LM head | flow head | "
           "file with LM head | without |")
     print("|---|---|---|---|---|---|---|")

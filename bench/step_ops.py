@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nextstep_core.backbone import Backbone  # noqa: E402
 from nextstep_core.config import BackboneConfig, FlowHeadConfig  # noqa: E402
-from nextstep_core.engine import SamplingSettings, TokenLoop  # noqa: E402
+from nextstep_core.engine import Execution, SamplingSettings, TokenLoop  # noqa: E402
 from nextstep_core.flow_head import FlowHead  # noqa: E402
 from nextstep_core.graphs import StaticStep  # noqa: E402
 from nextstep_core.samplers import draws_per_token  # noqa: E402
@@ -83,17 +83,18 @@ def build(layers=4, heads=8, kv=2, head_dim=16, mlp=96, head_width=64, head_laye
         for p in m.parameters():
             p.data = (torch.randn(p.shape, generator=g) * (0.5 / p.shape[-1] ** 0.5)).to(dtype)
     if quant:
-        from nextstep_core.weights.quant import quantize_backbone
+        from nextstep_core.weights.convention import quantize_backbone
         quantize_backbone(bb, quant)
     return bb.eval(), head.eval()
 
 
-def make_step(bb, head, settings: SamplingSettings, rows=2, cfg_mult=2, prompt=8, n_tokens=16):
+def make_step(bb, head, settings: SamplingSettings, execution: Execution = Execution(), rows=2, cfg_mult=2,
+              prompt=8, n_tokens=16):
     """A prefilled cache and the StaticStep of its first image token, as `graphed_loop` makes it."""
     ids = torch.randint(0, 200, (rows, prompt), generator=torch.Generator().manual_seed(1))
-    cache = bb.new_cache(rows, bb.padded_cache_len(prompt + n_tokens, settings.exact))
-    hidden = bb.prefill(bb.embed(ids), torch.ones_like(ids), cache, None if settings.exact else prompt)[:, -1]
-    loop = TokenLoop(bb, head, settings)
+    cache = bb.new_cache(rows, bb.padded_cache_len(prompt + n_tokens, execution.exact))
+    hidden = bb.prefill(bb.embed(ids), torch.ones_like(ids), cache, None if execution.exact else prompt)[:, -1]
+    loop = TokenLoop(bb, head, settings, execution)
     loop.schedule(rows, n_tokens, hidden.device)
     shape = (draws_per_token(settings.sampler, settings.steps), rows // cfg_mult, bb.cfg.token_dim)
     step = StaticStep(loop, hidden, cache, cfg_mult, shape)
@@ -110,7 +111,7 @@ def step_counts(step: StaticStep) -> dict:
     head = count(lambda: loop.sample_token(step.hidden, step.noise, step.scale, step.cfg_mult))
     tok = loop.sample_token(step.hidden, step.noise, step.scale, step.cfg_mult)
     e = bb.image_in_projector(tok).repeat(step.cfg_mult, 1)
-    backbone = count(lambda: bb.step_at(e[:, None], step.cache, step.pos, fast=not loop.s.exact))
+    backbone = count(lambda: bb.step_at(e[:, None], step.cache, step.pos, fast=not loop.execution.exact))
     return dict(whole=whole, head=head, backbone=backbone)
 
 
@@ -172,8 +173,8 @@ def main(argv=None):
     rows = []
     with torch.inference_mode():
         for exact in ((True,) if args.exact else (False, True)):
-            s = SamplingSettings(steps=args.steps, sampler=args.sampler, exact=exact)
-            step = make_step(bb, head, s)
+            s = SamplingSettings(steps=args.steps, sampler=args.sampler)
+            step = make_step(bb, head, s, Execution(exact=exact))
             c = step_counts(step)
             rows.append(("exact" if exact else "fast", c, args.layers, args.steps))
             if args.top:

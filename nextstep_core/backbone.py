@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import BackboneConfig
-from .devices import RunsOn
+from .devices import RunsOn, free_bytes
 from .kv_cache import StaticKVCache
 
 
@@ -275,7 +275,6 @@ class Backbone(RunsOn, nn.Module):
                 "use a smaller size or a shorter prompt/story.")
         need = self.cache_bytes(batch, max_len)
         if self.device.type == "cuda":
-            from .memory import free_bytes
             free = free_bytes(self.device)
             if need > free:
                 from .errors import NextStepError

@@ -103,10 +103,10 @@ def load_backbone(folder: str, device="cpu", dtype=torch.float32, with_lm_head: 
                   quant: str | None = None, ops=torch.nn, quant_linear=None):
     """-> (Backbone, NextStepTokenizer). `lm_head` (1.5 GB at 14B) is read only for text generation.
 
-    `quant` ('int8' / 'fp8') quantizes the decoder layers while loading, one layer at a time, so
+    `quant` ('int8' / 'fp8' / 'int4') quantizes the decoder layers while loading, one layer at a time, so
     the full-precision model never sits in memory whole. `folder` may also be a pre-quantized
     file (see weights/quant_file.py) or a folder holding one; its tokenizer is read from the file's folder.
-    `dtype` is the compute dtype: everything that is not 8-bit is cast to it. `ops` supplies the layer
+    `dtype` is the compute dtype: everything that is not quantized is cast to it. `ops` supplies the layer
     classes (Linear, Embedding), so a host can substitute its own (e.g. ComfyUI's comfy.ops).
     `quant_linear`: a host's Linear class for the quantized decoder matrices, loaded from ComfyUI's
     convention (`weight`, `weight_scale`, `comfy_quant`); None: the engine's own quantized modules."""

@@ -10,8 +10,8 @@ import os
 import sys
 import time
 
-from .atomic_write import atomic_file
 from .errors import NextStepError
+from .outputs import output_paths, save_png, save_tokens
 from .presets import preset
 from .progress_line import ProgressLine
 from .weights.quant import FORMATS
@@ -132,37 +132,15 @@ def resolve_model(name: str) -> str:
                             f"({type(exc).__name__}: {exc}). Download it yourself and pass the folder.") from None
 
 
-def _save_png(img, path: str) -> None:
-    from PIL import Image
-    arr = (img.clamp(0, 1) * 255).round().byte().numpy()
-    with atomic_file(path) as tmp:
-        Image.fromarray(arr).save(tmp, format="PNG")
-
-
-def _save_tokens(path: str, tokens, images) -> None:
-    """--tokens-out: `tokens` [batch, h*w, 64] and `images` [batch, H, W, 3], float32."""
-    from safetensors.torch import save_file
-    with atomic_file(path) as tmp:
-        save_file({"tokens": tokens.float().contiguous(), "images": images.float().contiguous()}, tmp)
-
-
-def output_paths(out: str, n: int) -> list[str]:
-    if n == 1:
-        return [out]
-    stem, ext = os.path.splitext(out)
-    return [f"{stem}-{i}{ext or '.png'}" for i in range(n)]
-
-
 def run_generation(args) -> int:
     if args.server:
         from .remote.command import run_remote
         return run_remote(args)
     if not args.model:
         raise NextStepError("--model is required: a NextStep model folder or Hugging Face repo id (or --server URL).")
-    import torch
     from .checkpoint import load_backbone, load_flow_head, load_vae, model_variant
     from .devices import resolve_device, resolve_dtype
-    from .engine import SamplingSettings
+    from .engine import Execution, SamplingSettings
     from .images import open_image
     from .pipeline import NextStepPipeline, Request
 
@@ -187,12 +165,13 @@ def run_generation(args) -> int:
     settings = SamplingSettings(
         cfg=pick(args.cfg, "cfg"), cfg_img=pick(getattr(args, "cfg_img", None), "cfg_img") if editing else 1.0,
         cfg_schedule=pick(args.cfg_schedule, "cfg_schedule"), steps=pick(args.steps, "steps"),
-        shift=pick(args.shift, "shift"), use_norm=pick(args.use_norm, "use_norm"), sampler=pick(args.sampler, "sampler"),
-        exact=args.exact, compile="inductor" if args.compile else None)
+        shift=pick(args.shift, "shift"), use_norm=pick(args.use_norm, "use_norm"), sampler=pick(args.sampler, "sampler"))
+    execution = Execution(exact=args.exact, compile="inductor" if args.compile else None)
     req = Request(prompts=args.prompt, positive=pick(args.positive, "positive"), negative=pick(args.negative, "negative"),
                   width=args.width if args.width or not editing else None,
                   height=args.height if args.height or not editing else None,
-                  images_per_prompt=args.num_images, seed=pick(args.seed, "seed"), sampling=settings)
+                  images_per_prompt=args.num_images, seed=pick(args.seed, "seed"), sampling=settings,
+                  execution=execution)
     if not editing:
         req.width, req.height = pick(args.width, "width"), pick(args.height, "height")
     if args.command == "generate":
@@ -222,9 +201,9 @@ def run_generation(args) -> int:
     gen_s = time.perf_counter() - t1
     paths = output_paths(args.out, result.images.shape[0])
     for img, path in zip(result.images, paths):
-        _save_png(img, path)
+        save_png(img, path)
     if args.tokens_out:
-        _save_tokens(args.tokens_out, result.tokens, result.images)
+        save_tokens(args.tokens_out, result.tokens, result.images)
     if not args.quiet and any(result.reasoning):
         for i, text in enumerate(result.reasoning):
             print(f"reasoning[{i}]: {text}", file=sys.stderr)
@@ -234,7 +213,6 @@ def run_generation(args) -> int:
               f"cfg {settings.cfg}, {settings.steps} steps, sampler {settings.sampler}; "
               f"{weights_note(backbone, model, args.quant)}; load {load_s:.1f}s, "
               f"generate {gen_s:.1f}s ({gen_s / n * 1000:.1f} ms/token) -> {', '.join(paths)}", file=sys.stderr)
-    del torch
     return 0
 
 
@@ -250,7 +228,8 @@ def _device_sync(device):
 
 def _stream(args, backbone, req, settings, device, editing) -> None:
     """Keep as many decoder layers on the device as memory.plan says fit (or --gpu-layers N)."""
-    from .memory import bytes_on, free_bytes, plan
+    from .devices import free_bytes
+    from .memory import bytes_on, plan
     from .weights.streaming import stream_layers
     from .prompts import cfg_mult_for
     from .weights.quant import format_of
@@ -268,7 +247,7 @@ def _stream(args, backbone, req, settings, device, editing) -> None:
     p = plan(backbone.cfg, format_of(backbone), backbone.dtype.itemsize, width=width, height=height, batch=batch,
              cfg_rows=cfg_mult_for(settings.cfg, settings.cfg_img, editing), context_tokens=context,
              free_bytes=free, gpu_layers=layers, lm_head=backbone.lm_head is not None or reasons,
-             graphs=device.type == "cuda" and settings.cuda_graphs != "off")
+             graphs=device.type == "cuda" and req.execution.cuda_graphs != "off")
     stream_layers(backbone, p.resident, device, p)
     if not args.quiet:
         print(f"low-VRAM mode: {p.describe()}", file=sys.stderr)
@@ -281,13 +260,14 @@ def _storyboard(args, pipe, req, settings, variant, t1, sync=None) -> int:
     progress = ProgressLine(sys.stderr, quiet=args.quiet, passes=len([p for p in prompts if p.strip()]), sync=sync)
     panels = Storyboard(pipe).run(prompts, width=req.width, height=req.height, seed=req.seed, sampling=settings,
                                   negative=req.negative, positive=req.positive, style=args.style,
+                                  execution=req.execution,
                                   callback=lambda _panel, done, total, tokens: progress(done, total, tokens))
     images = torch.cat([p.image for p in panels])
     paths = output_paths(args.out, images.shape[0])
     for img, path in zip(images, paths):
-        _save_png(img, path)
+        save_png(img, path)
     if args.tokens_out:
-        _save_tokens(args.tokens_out, torch.cat([p.tokens for p in panels]), images)
+        save_tokens(args.tokens_out, torch.cat([p.tokens for p in panels]), images)
     if not args.quiet:
         print(f"{variant}: {len(panels)} panels, story of {panels[-1].context.length} tokens in "
               f"{time.perf_counter() - t1:.1f}s -> {', '.join(paths)}", file=sys.stderr)
@@ -298,7 +278,8 @@ def run_quantize(args) -> int:
     import torch
     from .checkpoint import load_backbone
     from .devices import resolve_device
-    from .weights.quant_file import file_format, is_earlier_layout, save_quantized
+    from .weights.quant_file import file_format, is_earlier_layout
+    from .weights.quant_write import save_quantized
     out = args.out
     if not out.endswith(".safetensors"):
         raise NextStepError(f"--out {out}: the file name must end in .safetensors.")

@@ -1,4 +1,5 @@
-"""Device and dtype choice: bfloat16 on GPUs that have it, float16 where not, float32 on CPU."""
+"""Device and dtype choice (bfloat16 on GPUs that have it, float16 where not, float32 on CPU), and
+what a device has free for a new allocation."""
 from __future__ import annotations
 
 import torch
@@ -7,6 +8,7 @@ from .errors import DeviceError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+SLACK = 256 * 2 ** 20  # kept free beyond what is counted: allocator fragmentation, CUDA graphs, temporaries
 
 
 def resolve_device(name: str | None = "auto") -> torch.device:
@@ -92,6 +94,23 @@ def kernel_agrees(label: str, device, fast, reference: torch.Tensor, bound: floa
                       "will be dequantized per layer instead.")
         return False
     return True
+
+
+def free_bytes(device) -> int | None:
+    """What a new allocation on `device` can use (None where it is not known: CPU, MPS): the device's
+    free memory plus what torch's allocator holds unused. `mem_get_info` alone misses the second
+    part, which is often gigabytes after a model was offloaded.
+
+    The same sum holds under `PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync` (ComfyUI's default):
+    there `memory_reserved` and `memory_allocated` report the device's default memory pool (its
+    reserved and its used bytes), and torch sets that pool's release threshold to the maximum, so
+    freed blocks stay in the pool, invisible to `mem_get_info`, and serve torch's next allocations."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(free) + max(0, int(cached))
 
 
 class RunsOn:

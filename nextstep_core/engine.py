@@ -24,6 +24,7 @@ TokenCallback = Callable[[int, int, torch.Tensor], None]
 
 @dataclass(frozen=True)
 class SamplingSettings:
+    """What the image is: the same settings and seed give the same tokens, however the run computes."""
     cfg: float = 7.5
     cfg_img: float = 1.0
     cfg_schedule: str = "constant"
@@ -31,6 +32,12 @@ class SamplingSettings:
     shift: float = 1.0
     use_norm: bool = False
     sampler: str = "nextstep1"
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How a run computes, which moves at most the last float bits of its tokens (`exact` makes them
+    StepFun's bits on the CPU that made the goldens). A local run's choice: servers use their own."""
     exact: bool = False  # bit-parity with the reference (full-cache attention, per-step adaLN GEMMs)
     cuda_graphs: str = "auto"  # auto: capture the per-token step on CUDA, eager elsewhere; on; off
     compile: Optional[str] = None  # a torch.compile backend for the flow-head step ("inductor"); off by default
@@ -39,17 +46,18 @@ class SamplingSettings:
 class TokenLoop:
     """Samples the image tokens of one prompt batch into a preallocated buffer."""
 
-    def __init__(self, backbone: Backbone, head: FlowHead, settings: SamplingSettings):
-        self.bb, self.head, self.s = backbone, head, settings
+    def __init__(self, backbone: Backbone, head: FlowHead, settings: SamplingSettings,
+                 execution: Execution = Execution()):
+        self.bb, self.head, self.s, self.execution = backbone, head, settings, execution
         self.sampler = get_sampler(settings.sampler)
-        if settings.compile:
+        if execution.compile:
             # optional and never required: the eager step is the reference, compiling only fuses it
-            if not settings.exact:
+            if not execution.exact:
                 head.fused_modulation()  # the fused weight layout is made eagerly, before tracing
-            self.sample_token = torch.compile(self.sample_token, backend=settings.compile, dynamic=False)
+            self.sample_token = torch.compile(self.sample_token, backend=execution.compile, dynamic=False)
 
     def _kv(self, cache: StaticKVCache, extra: int) -> Optional[int]:
-        return None if self.s.exact else cache.length + extra
+        return None if self.execution.exact else cache.length + extra
 
     def schedule(self, rows: int, n_tokens: int, device):
         """Everything the loop needs that does not depend on the tokens, made once per image:
@@ -58,7 +66,7 @@ class TokenLoop:
         t = sampler.time_grid(s.steps, s.shift).to(device)
         self.t_emb = self.head.time_embeddings(t[: s.steps], rows)
         self.scales = cfg_values(s.cfg_schedule, s.cfg, s.cfg_img, n_tokens).to(torch.float32).to(device)
-        if s.exact:  # the reference's scalars for each step, computed once with its own operations (same bits)
+        if self.execution.exact:  # the reference's scalars per step, made once with its own operations (same bits)
             self.constants, self.fast_coefs = sampler.constants(t, s.steps), None
         else:
             self.constants, self.fast_coefs = None, sampler.coefficients(t, s.steps)
@@ -67,7 +75,7 @@ class TokenLoop:
         """One image token from the state before it: the head's N steps with CFG, then use_norm.
         hidden [rows, H]; z [draws, rows / cfg_mult, D] noise; scale [2] (cfg, cfg_img).
         Returns the token in the backbone dtype."""
-        if not self.s.exact:
+        if not self.execution.exact:
             return self.sample_token_fast(hidden, z, scale, cfg_mult)
         head, bb = self.head, self.bb
         c = bb.image_out_projector(hidden)
@@ -138,7 +146,7 @@ class TokenLoop:
                 tokens[:, k] = tok.to(torch.float32)
                 if k + 1 < n_tokens:
                     e = bb.image_in_projector(tok).repeat(cfg_mult, 1)
-                    hidden = bb.step(e[:, None], cache, self._kv(cache, 1), fast=not self.s.exact)[:, -1]
+                    hidden = bb.step(e[:, None], cache, self._kv(cache, 1), fast=not self.execution.exact)[:, -1]
             if callback is not None:
                 callback(k + 1, n_tokens, tokens)
         if fast is not None:
@@ -148,7 +156,7 @@ class TokenLoop:
     def feed_last(self, tokens: torch.Tensor, cache: StaticKVCache, cfg_mult: int) -> torch.Tensor:
         """Run the step `run` skipped, for callers that continue the sequence (storyboards)."""
         e = self.bb.image_in_projector(tokens[:, -1].to(self.bb.dtype)).repeat(cfg_mult, 1)
-        return self.bb.step(e[:, None], cache, self._kv(cache, 1), fast=not self.s.exact)[:, -1]
+        return self.bb.step(e[:, None], cache, self._kv(cache, 1), fast=not self.execution.exact)[:, -1]
 
 
 def noise_for(settings: SamplingSettings, generator: torch.Generator, images_per_prompt: int, batch: int,

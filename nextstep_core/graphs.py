@@ -63,7 +63,7 @@ class StaticStep:
         loop, bb = self.loop, self.loop.bb
         tok = loop.sample_token(self.hidden, self.noise, self.scale, self.cfg_mult)
         e = bb.image_in_projector(tok).repeat(self.cfg_mult, 1)
-        h = bb.step_at(e[:, None], self.cache, self.pos, fast=not loop.s.exact)[:, -1]
+        h = bb.step_at(e[:, None], self.cache, self.pos, fast=not loop.execution.exact)[:, -1]
         if self.token is None:
             self.token = tok.clone()
         else:
@@ -125,9 +125,9 @@ def _fingerprint(loop) -> tuple:
 
 
 def _key(loop, hidden, cache, cfg_mult: int) -> tuple:
-    s = loop.s
+    s, x = loop.s, loop.execution
     return (tuple(hidden.shape), hidden.dtype, str(hidden.device), cache.max_len, cfg_mult, s.sampler, s.steps,
-            s.shift, s.use_norm, s.exact, s.compile)
+            s.shift, s.use_norm, x.exact, x.compile)
 
 
 @dataclass
@@ -158,7 +158,7 @@ def release_if_moved(part) -> None:
 
 
 def _room_for(step_cache_bytes: int, device: torch.device) -> bool:
-    from .memory import SLACK, free_bytes
+    from .devices import SLACK, free_bytes
     free = free_bytes(device)
     return free is None or step_cache_bytes + SLACK <= free
 
@@ -166,7 +166,7 @@ def _room_for(step_cache_bytes: int, device: torch.device) -> bool:
 def graphed_loop(loop, hidden, cache, cfg_mult: int, n_tokens: int):
     """A StaticStep for this image (the kept one when shapes, settings and weights match), or None
     for the plain eager loop."""
-    mode = loop.s.cuda_graphs
+    mode = loop.execution.cuda_graphs
     if mode == "off" or n_tokens < 2:
         return None
     if getattr(loop.bb, "streamer", None) is not None or getattr(loop.bb, "paged", False):

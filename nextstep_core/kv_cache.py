@@ -25,9 +25,6 @@ class StaticKVCache:
     def batch(self) -> int:
         return self.valid.shape[0]
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
-
     def additive_mask(self, start: int, count: int, kv_len: int) -> torch.Tensor:
         """[batch, 1, count, kv_len] mask for queries at positions start..start+count-1."""
         q_pos = torch.arange(start, start + count, device=self.valid.device)

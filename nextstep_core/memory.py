@@ -20,11 +20,11 @@ from typing import Optional
 
 import torch
 
+from .devices import SLACK
 from .errors import DeviceError
 
 GiB = 2 ** 30
 PCIE_GBPS = 25.0  # PCIe 4.0 x16 as measured by typical host-to-device copies; 5.0 cards roughly double it
-SLACK = 256 * 2 ** 20  # allocator fragmentation, CUDA graphs' pools, small temporaries
 
 
 @dataclass(frozen=True)
@@ -57,12 +57,6 @@ class MemoryPlan:
     def host_bytes(self) -> int:
         return self.streamed_bytes
 
-    @property
-    def weight_device_bytes(self) -> int:
-        """What stays on the device between runs: weights kept there, the prefetch buffers and a kept
-        capture (the run's KV cache and activations live only while a run does)."""
-        return self.fixed_weight_bytes + self.resident * self.layer_bytes + self.buffer_bytes + self.capture_bytes
-
     def seconds_per_token(self, pcie_gbps: float = PCIE_GBPS) -> float:
         """The time streaming adds per token, when the copies are not hidden behind compute."""
         return self.streamed_bytes / (pcie_gbps * 1e9)
@@ -75,23 +69,6 @@ class MemoryPlan:
         return (f"{where}, {self.streamed_bytes / GiB:.2f} GiB streamed from CPU RAM per token (about "
                 f"{per * 1000:.0f} ms per token over PCIe, {per * tokens:.0f} s more for a {tokens}-token image); "
                 f"{self.device_bytes / GiB:.1f} GiB on the device, {self.host_bytes / GiB:.1f} GiB pinned in RAM")
-
-
-def free_bytes(device) -> Optional[int]:
-    """What a new allocation on `device` can use (None where it is not known: CPU, MPS): the device's
-    free memory plus what torch's allocator holds unused. `mem_get_info` alone misses the second
-    part, which is often gigabytes after a model was offloaded.
-
-    The same sum holds under `PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync` (ComfyUI's default):
-    there `memory_reserved` and `memory_allocated` report the device's default memory pool (its
-    reserved and its used bytes), and torch sets that pool's release threshold to the maximum, so
-    freed blocks stay in the pool, invisible to `mem_get_info`, and serve torch's next allocations."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    free, _total = torch.cuda.mem_get_info(device)
-    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return int(free) + max(0, int(cached))
 
 
 def bytes_on(module: torch.nn.Module, device) -> int:

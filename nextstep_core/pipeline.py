@@ -14,7 +14,7 @@ import torch
 from .backbone import Backbone
 from .checkpoint import check_compatible
 from .devices import check_finite
-from .engine import SamplingSettings, TokenCallback, TokenLoop, noise_for
+from .engine import Execution, SamplingSettings, TokenCallback, TokenLoop, noise_for
 from .errors import NextStepError, SettingsError
 from .flow_head import FlowHead
 from .images import check_size, fit_image, fit_to_size, to_model_pixels, to_output
@@ -42,6 +42,7 @@ class Request:
     fit: str = "bucket"
     fit_base: int = 512
     reasoning: ReasoningSettings = field(default_factory=ReasoningSettings)
+    execution: Execution = field(default_factory=Execution)  # how it computes (exact, CUDA graphs, compile)
 
 
 @dataclass
@@ -114,7 +115,7 @@ class NextStepPipeline:
         """`callback(done, total, tokens)` after every image token; `text_callback(done, limit)` after
         every Self-CoT text token. Either may raise to cancel."""
         validate(req)
-        s = req.sampling
+        s, exact = req.sampling, req.execution.exact
         bb, dev = self.backbone, self.device
         prompts, fitted = (self._edit_inputs(req) if req.edit_images else (list(req.prompts), None))
         width, height = req.width, req.height
@@ -135,17 +136,18 @@ class NextStepPipeline:
         noise = noise_for(s, gen, req.images_per_prompt, rows.n_cond, bb.cfg.token_dim, dev, n_tokens)
         image_tokens = None
         if fitted is not None:
-            image_tokens = self._encode_edit_images(fitted, req.images_per_prompt, rows, noise, s.exact)
+            image_tokens = self._encode_edit_images(fitted, req.images_per_prompt, rows, noise, exact)
         try:
             if think.mode != "off" and think.text is None:
                 cache, hidden, texts = self._prefill_with_reasoning(req, prompts, grid, n_tokens, text_callback)
             else:
                 embeds = bb.embed(rows.input_ids.to(dev), image_tokens)
-                cache = bb.new_cache(embeds.shape[0], bb.padded_cache_len(embeds.shape[1] + n_tokens, s.exact))
+                cache = bb.new_cache(embeds.shape[0], bb.padded_cache_len(embeds.shape[1] + n_tokens, exact))
                 hidden = bb.prefill(embeds, rows.attention_mask.to(dev), cache,
-                                    None if s.exact else embeds.shape[1])[:, -1]
+                                    None if exact else embeds.shape[1])[:, -1]
             check_finite(hidden, bb.dtype, "after reading the prompt")
-            tokens = TokenLoop(bb, self.head, s).run(hidden, cache, rows.cfg_mult, n_tokens, noise, callback)
+            tokens = TokenLoop(bb, self.head, s, req.execution).run(hidden, cache, rows.cfg_mult, n_tokens, noise,
+                                                                    callback)
             del cache
             check_finite(tokens, bb.dtype, "while drawing the image")
             images = self.decode(tokens, grid)
@@ -160,6 +162,7 @@ class NextStepPipeline:
         unconditional rows are prefilled right-aligned to the same end, and all rows continue
         with the image prefix. One cache, nothing prefilled twice."""
         bb, tok, s, think = self.backbone, self.tokenizer, req.sampling, req.reasoning
+        exact = req.execution.exact
         if bb.lm_head is None:
             from .checkpoint import attach_lm_head
             attach_lm_head(bb)
@@ -175,12 +178,12 @@ class NextStepPipeline:
         front = max(0, lu - (lc + 1))  # so the unconditional rows fit even if the reasoning is empty
         total_rows = len(cond) + len(uncond)
         cache = bb.new_cache(total_rows, bb.padded_cache_len(front + lc + think.max_tokens + 1 + len(prefix) + n_tokens,
-                                                             s.exact))
-        kv = (lambda c, n: None) if s.exact else (lambda c, n: c.length + n)
+                                                             exact))
+        kv = (lambda c, n: None) if exact else (lambda c, n: c.length + n)
         cv = cache.rows(0, len(cond))
         cv.length = front
         hidden = bb.prefill(bb.embed(cond_ids.to(dev)), cond_mask.to(dev), cv, kv(cv, lc))[:, -1]
-        ids = generate_reasoning(bb, tok, cv, hidden, think, make_generator(req.seed ^ 0x5EED5EED), s.exact,
+        ids = generate_reasoning(bb, tok, cv, hidden, think, make_generator(req.seed ^ 0x5EED5EED), exact,
                                  text_callback)
         end = cv.length
         if unc is not None and lu:  # an empty negative prompt leaves nothing to prefill on those rows

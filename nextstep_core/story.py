@@ -18,7 +18,7 @@ import torch
 
 from . import backbone as backbone_module
 from .devices import check_finite
-from .engine import SamplingSettings, TokenCallback, TokenLoop, noise_for
+from .engine import Execution, SamplingSettings, TokenCallback, TokenLoop, noise_for
 from .errors import SettingsError
 from .images import check_size
 from .kv_cache import StaticKVCache
@@ -91,7 +91,8 @@ class Storyboard:
 
     @torch.inference_mode()
     def add_panel(self, ctx: StoryContext, prompt: str, *, width: int, height: int, seed: int,
-                  sampling: SamplingSettings, positive: str = "", callback: Optional[TokenCallback] = None) -> Panel:
+                  sampling: SamplingSettings, positive: str = "", callback: Optional[TokenCallback] = None,
+                  execution: Execution = Execution()) -> Panel:
         if not isinstance(prompt, str) or not prompt.strip():
             raise SettingsError(f"Panel {len(ctx.segments) + 1} has an empty prompt: write what it shows.")
         check_guidance(sampling.cfg, 1.0)
@@ -109,16 +110,16 @@ class Storyboard:
                 f"Panel {len(ctx.segments) + 1} would make the story {need} tokens long; the model's limit is "
                 f"{limit}. Start a new story or use smaller panels ({n} tokens each now).")
         # padded like the text-to-image cache where attention is (CUDA): the captured step attends it whole
-        slots = bb.padded_cache_len(need, sampling.exact) if backbone_module.pads_attention(dev) else need
+        slots = bb.padded_cache_len(need, execution.exact) if backbone_module.pads_attention(dev) else need
         if ctx.cache is None:
             cache = bb.new_cache(ids.shape[0], slots)
         else:
             cache = ctx.cache.grown(slots, dev)
-        kv = None if sampling.exact else cache.length + ids.shape[1]
+        kv = None if execution.exact else cache.length + ids.shape[1]
         hidden = bb.prefill(bb.embed(ids.to(dev)), mask.to(dev), cache, kv)[:, -1]
         check_finite(hidden, bb.dtype, f"after reading panel {len(ctx.segments) + 1}'s prompt")
         noise = noise_for(sampling, make_generator(seed), 1, 1, bb.cfg.token_dim, dev, n)
-        loop = TokenLoop(bb, self.pipe.head, sampling)
+        loop = TokenLoop(bb, self.pipe.head, sampling, execution)
         tokens = loop.run(hidden, cache, ctx.cfg_mult, n, noise, callback)
         check_finite(tokens, bb.dtype, f"while drawing panel {len(ctx.segments) + 1}")
         loop.feed_last(tokens, cache, ctx.cfg_mult)  # the step a single image skips: the story goes on
@@ -127,7 +128,8 @@ class Storyboard:
         return Panel(self.pipe.decode(tokens, grid), tokens.cpu(), new)
 
     def run(self, prompts: list, *, width: int, height: int, seed: int, sampling: SamplingSettings,
-            negative: str = "", positive: str = "", style: str = "", callback=None) -> list[Panel]:
+            negative: str = "", positive: str = "", style: str = "", callback=None,
+            execution: Execution = Execution()) -> list[Panel]:
         """All panels in one go; panel i uses seed + i (the chained panel nodes do the same)."""
         prompts = [p for p in prompts if p.strip()]
         if not prompts:
@@ -142,7 +144,7 @@ class Storyboard:
         for i, prompt in enumerate(prompts):
             cb = None if callback is None else (lambda d, t, toks, i=i: callback(i, d, t, toks))
             panel = self.add_panel(ctx, prompt, width=width, height=height, seed=seed + i, sampling=sampling,
-                                   positive=positive, callback=cb)
+                                   positive=positive, callback=cb, execution=execution)
             panels.append(panel)
             ctx = panel.context
         return panels

@@ -48,7 +48,6 @@ class NextStepTokenizer:
         cfg_path = os.path.join(folder, "tokenizer_config.json")
         cfg = read_json(cfg_path) if os.path.isfile(cfg_path) else {}
         self.bos_token = _token_text(cfg.get("bos_token"))
-        self.eos_token = _token_text(cfg.get("eos_token")) or "<|endoftext|>"
         pad = _token_text(cfg.get("pad_token")) or PAD
         missing = [t for t in REQUIRED + (pad,) if self.tok.token_to_id(t) is None]
         if missing:
@@ -56,10 +55,9 @@ class NextStepTokenizer:
                 f"The tokenizer in {folder} lacks NextStep's tokens {missing}: it looks like a plain Qwen2 "
                 "tokenizer. Use the tokenizer files shipped with the NextStep model repo.")
         self.ids = {name: self.tok.token_to_id(name) for name in
-                    (IMAGE_AREA, BOI, EOI, PLACEHOLDER, BOPR, EOPR, BOT, EOT, pad, self.eos_token)}
+                    (IMAGE_AREA, BOI, EOI, PLACEHOLDER, BOPR, EOPR, BOT, EOT, pad)}
         self.pad_id = self.ids[pad]
         self.boi_id, self.eoi_id, self.placeholder_id = self.ids[BOI], self.ids[EOI], self.ids[PLACEHOLDER]
-        self.eos_id = self.ids[self.eos_token]
 
     def id_of(self, token: str) -> int | None:
         return self.tok.token_to_id(token)

@@ -22,7 +22,8 @@ import types
 import torch
 
 from . import bridge
-from ..nextstep_core.memory import SLACK, plan
+from ..nextstep_core.devices import SLACK
+from ..nextstep_core.memory import plan
 
 
 def operations(dtype: torch.dtype, load_device: torch.device):

@@ -45,7 +45,7 @@ def golden(name: str) -> dict:
 
 def request(name: str, exact: bool):
     """The golden case's arguments as the engine's Request (the official argument names kept)."""
-    from nextstep_core.engine import SamplingSettings
+    from nextstep_core.engine import Execution, SamplingSettings
     from nextstep_core.images import open_image
     from nextstep_core.pipeline import Request
     a = CASES[name]
@@ -53,11 +53,11 @@ def request(name: str, exact: bool):
     h, w = a["hw"]
     s = SamplingSettings(cfg=a["cfg"], cfg_img=a["cfg_img"], cfg_schedule=a["cfg_schedule"],
                          steps=a["num_sampling_steps"], shift=a["timesteps_shift"], use_norm=a["use_norm"],
-                         sampler="nextstep1", exact=exact)
+                         sampler="nextstep1")
     images = [open_image(GOLDEN / a["image"])] if a["image"] else None
     # edits: the official example hands in an image already at hw; fit 'none' keeps it as it is
     return Request(caps, w, h, a["positive_prompt"] or "", a["negative_prompt"] or "", a["num_images_per_caption"],
-                   a["seed"], s, images, fit="none")
+                   a["seed"], s, images, fit="none", execution=Execution(exact=exact))
 
 
 def run(pipe, name: str, exact: bool, threads: int | None = None):

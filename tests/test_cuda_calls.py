@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nextstep_core import graphs
-from nextstep_core.engine import SamplingSettings
+from nextstep_core.engine import Execution, SamplingSettings
 from nextstep_core.pipeline import Request
 from parity_support import assert_tokens_close
 
@@ -120,7 +120,7 @@ def test_host_buffers_are_page_locked_for_the_streaming_device(monkeypatch):
 def test_free_memory_counts_the_allocators_unused_blocks(monkeypatch):
     """ComfyUI's default allocator (cudaMallocAsync) keeps freed blocks in its pool, as the native
     one caches them: either way they serve our next allocation but mem_get_info does not see them."""
-    from nextstep_core.memory import free_bytes
+    from nextstep_core.devices import free_bytes
     asked = []
 
     def info(dev):
@@ -136,13 +136,13 @@ def test_free_memory_counts_the_allocators_unused_blocks(monkeypatch):
 
 
 def test_no_room_for_the_captures_cache_runs_eagerly_without_trying(tiny_pipeline, monkeypatch):
-    from nextstep_core import memory
+    from nextstep_core import devices
     req = Request(["a"], 32, 32, seed=2, sampling=SamplingSettings(steps=2, cfg=3.0))
     plain = tiny_pipeline.run(req).tokens
     tried = []
     monkeypatch.setattr(graphs, "capturable", lambda device: True)
     monkeypatch.setattr(graphs.StaticStep, "capture", lambda self: tried.append(self))
-    monkeypatch.setattr(memory, "free_bytes", lambda device: 1024)
+    monkeypatch.setattr(devices, "free_bytes", lambda device: 1024)
     with pytest.warns(UserWarning, match="No room .* for the CUDA graph's own KV cache"):
         got = tiny_pipeline.run(req).tokens
     assert torch.equal(got, plain) and not tried and "_kept_step" not in tiny_pipeline.backbone.__dict__
@@ -171,7 +171,7 @@ def test_attended_lengths_are_multiples_of_16_where_padding_applies(tiny_pipelin
     fast = SamplingSettings(steps=2, cfg=3.0)
     t2i = Request(["a red cup"], 48, 32, seed=4, sampling=fast)
     cot = Request(["a red cup"], 32, 32, seed=4, sampling=fast, reasoning=ReasoningSettings(mode="think", max_tokens=3))
-    exact = Request(["a red cup"], 48, 32, seed=4, sampling=SamplingSettings(steps=2, cfg=3.0, exact=True))
+    exact = Request(["a red cup"], 48, 32, seed=4, sampling=fast, execution=Execution(exact=True))
     board = Storyboard(tiny_pipeline)
     story = lambda: board.run(["one", "two"], width=32, height=32, seed=1, sampling=fast)  # noqa: E731
     before = [tiny_pipeline.run(r).tokens for r in (t2i, cot, exact)] + [p.tokens for p in story()]

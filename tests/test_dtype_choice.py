@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nextstep_core.devices import resolve_dtype
-from nextstep_core.engine import SamplingSettings
+from nextstep_core.engine import Execution, SamplingSettings
 from nextstep_core.errors import DeviceError
 from nextstep_core.pipeline import Request
 from nextstep_core.story import Storyboard
@@ -65,7 +65,8 @@ def test_a_float16_overflow_is_an_error_that_says_what_to_choose(tiny_model):
     assert torch.isfinite(_with_massive_activations(tiny_model, torch.float32).run(req).tokens).all()
     pipe = _with_massive_activations(tiny_model, torch.float16)
     for exact in (False, True):
-        req = Request(["a red cup"], 32, 32, seed=1, sampling=SamplingSettings(steps=2, cfg=3.0, exact=exact))
+        req = Request(["a red cup"], 32, 32, seed=1, sampling=SamplingSettings(steps=2, cfg=3.0),
+                      execution=Execution(exact=exact))
         with pytest.raises(DeviceError, match=r"overflowed float16 \(after reading the prompt\).*bfloat16.*float32"):
             pipe.run(req)
     with pytest.raises(DeviceError, match="overflowed float16"):

@@ -5,14 +5,14 @@ from torch import nn
 
 from bench.fast_vs_exact import lockstep
 from bench.step_ops import build, make_step, step_counts
-from nextstep_core.engine import SamplingSettings
+from nextstep_core.engine import Execution, SamplingSettings
 from nextstep_core.fused import fused_linear
 
 
 def _counts(layers=2, head_layers=2, steps=3, exact=False, quant=None):
     bb, head = build(layers=layers, head_layers=head_layers, quant=quant)
     with torch.inference_mode():
-        return step_counts(make_step(bb, head, SamplingSettings(steps=steps, exact=exact)))
+        return step_counts(make_step(bb, head, SamplingSettings(steps=steps), Execution(exact=exact)))
 
 
 def test_fast_step_kernel_counts_per_layer_and_per_head_step():

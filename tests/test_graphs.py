@@ -4,10 +4,12 @@ import pytest
 import torch
 
 from nextstep_core import graphs
-from nextstep_core.engine import SamplingSettings
+from nextstep_core.engine import Execution, SamplingSettings
 from nextstep_core.pipeline import Request
 from nextstep_core.story import Storyboard
 from parity_support import assert_tokens_close
+
+EXACT = Execution(exact=True)
 
 
 def eager_static(monkeypatch):
@@ -20,8 +22,8 @@ def eager_static(monkeypatch):
 
 @pytest.mark.parametrize("sampler,schedule", [("nextstep1", "linear"), ("nextstep1.1", "constant")])
 def test_static_step_equals_the_plain_exact_loop(tiny_pipeline, monkeypatch, sampler, schedule):
-    s = SamplingSettings(steps=3, cfg=3.0, sampler=sampler, cfg_schedule=schedule, use_norm=True, exact=True)
-    req = Request(["a", "b"], 48, 32, seed=8, sampling=s, images_per_prompt=2)
+    s = SamplingSettings(steps=3, cfg=3.0, sampler=sampler, cfg_schedule=schedule, use_norm=True)
+    req = Request(["a", "b"], 48, 32, seed=8, sampling=s, images_per_prompt=2, execution=EXACT)
     plain = tiny_pipeline.run(req)
     eager_static(monkeypatch)
     static = tiny_pipeline.run(req)
@@ -29,11 +31,11 @@ def test_static_step_equals_the_plain_exact_loop(tiny_pipeline, monkeypatch, sam
 
 
 def test_static_step_leaves_the_cache_ready_to_continue_a_story(tiny_pipeline, monkeypatch):
-    s = SamplingSettings(steps=2, cfg=2.0, exact=True)
+    s = SamplingSettings(steps=2, cfg=2.0)
     board = Storyboard(tiny_pipeline)
-    plain = board.run(["one", "two"], width=32, height=32, seed=1, sampling=s)
+    plain = board.run(["one", "two"], width=32, height=32, seed=1, sampling=s, execution=EXACT)
     eager_static(monkeypatch)
-    static = board.run(["one", "two"], width=32, height=32, seed=1, sampling=s)
+    static = board.run(["one", "two"], width=32, height=32, seed=1, sampling=s, execution=EXACT)
     assert_tokens_close(static[1].tokens, plain[1].tokens)
     assert static[1].context.length == plain[1].context.length
 
@@ -42,7 +44,8 @@ def test_graphs_on_without_cuda_warns_and_runs(tiny_pipeline):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.warns(UserWarning, match="needs a CUDA device"):
-        tiny_pipeline.run(Request(["x"], 32, 32, sampling=SamplingSettings(steps=2, cuda_graphs="on")))
+        tiny_pipeline.run(Request(["x"], 32, 32, sampling=SamplingSettings(steps=2),
+                                  execution=Execution(cuda_graphs="on")))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
@@ -51,15 +54,15 @@ def test_cuda_graph_replay_equals_eager_on_gpu(tiny_model):
     from nextstep_core.pipeline import NextStepPipeline
     bb, tok = load_backbone(tiny_model, "cuda", torch.float32)
     pipe = NextStepPipeline(bb, tok, load_flow_head(tiny_model, "cuda"), load_vae(tiny_model, "cuda"))
-    base = dict(steps=4, cfg=4.0, exact=True)
-    req = lambda mode: Request(["x"], 64, 64, seed=3, sampling=SamplingSettings(cuda_graphs=mode, **base))
+    s = SamplingSettings(steps=4, cfg=4.0)
+    req = lambda mode: Request(["x"], 64, 64, seed=3, sampling=s, execution=Execution(exact=True, cuda_graphs=mode))
     torch.testing.assert_close(pipe.run(req("on")).tokens, pipe.run(req("off")).tokens, atol=1e-5, rtol=0)
 
 
 def test_torch_compile_of_the_head_step_is_optional_and_exact(tiny_pipeline):
     """Traced by dynamo (the cheap 'eager' backend here; users pick inductor): same tokens."""
-    base = dict(steps=2, cfg=3.0, exact=True)
-    req = lambda **k: Request(["x"], 32, 32, seed=4, sampling=SamplingSettings(**base, **k))
+    s = SamplingSettings(steps=2, cfg=3.0)
+    req = lambda **k: Request(["x"], 32, 32, seed=4, sampling=s, execution=Execution(exact=True, **k))
     torch.testing.assert_close(tiny_pipeline.run(req(compile="eager")).tokens, tiny_pipeline.run(req()).tokens,
                                atol=1e-6, rtol=0)
 
@@ -74,8 +77,8 @@ def kept_captures(monkeypatch):
 
 
 def test_a_capture_is_kept_for_the_next_image_with_the_same_shapes(tiny_pipeline, monkeypatch):
-    s = SamplingSettings(steps=3, cfg=3.0, use_norm=True, exact=True)
-    req = lambda seed, w=48: Request(["a", "b"], w, 32, seed=seed, sampling=s)
+    s = SamplingSettings(steps=3, cfg=3.0, use_norm=True)
+    req = lambda seed, w=48: Request(["a", "b"], w, 32, seed=seed, sampling=s, execution=EXACT)
     plain = [tiny_pipeline.run(req(seed)).tokens for seed in (1, 2)]
     other = tiny_pipeline.run(req(3, 32)).tokens
     captures = kept_captures(monkeypatch)
@@ -94,12 +97,12 @@ def test_a_capture_is_kept_for_the_next_image_with_the_same_shapes(tiny_pipeline
 
 
 def test_a_kept_capture_hands_its_slots_back_to_a_story(tiny_pipeline, monkeypatch):
-    s = SamplingSettings(steps=2, cfg=2.0, exact=True)
+    s = SamplingSettings(steps=2, cfg=2.0)
     board = Storyboard(tiny_pipeline)
-    plain = board.run(["one", "two", "three"], width=32, height=32, seed=1, sampling=s)
+    plain = board.run(["one", "two", "three"], width=32, height=32, seed=1, sampling=s, execution=EXACT)
     kept_captures(monkeypatch)
     try:
-        kept = board.run(["one", "two", "three"], width=32, height=32, seed=1, sampling=s)
+        kept = board.run(["one", "two", "three"], width=32, height=32, seed=1, sampling=s, execution=EXACT)
     finally:
         graphs.release(tiny_pipeline.backbone)
     for a, b in zip(kept, plain):
@@ -109,8 +112,8 @@ def test_a_kept_capture_hands_its_slots_back_to_a_story(tiny_pipeline, monkeypat
 def test_no_memory_for_the_captures_own_cache_falls_back_to_eager(tiny_pipeline, monkeypatch):
     """The capture's KV cache is an optimisation's: failing to allocate it must not fail the run."""
     from nextstep_core.backbone import Backbone
-    s = SamplingSettings(steps=2, cfg=3.0, exact=True)
-    req = Request(["a", "b"], 32, 32, seed=6, sampling=s)
+    s = SamplingSettings(steps=2, cfg=3.0)
+    req = Request(["a", "b"], 32, 32, seed=6, sampling=s, execution=EXACT)
     plain = tiny_pipeline.run(req).tokens
     captures = kept_captures(monkeypatch)
     real = Backbone.new_cache
@@ -137,8 +140,8 @@ def test_compiled_head_step_compiles_once_for_every_prompt_length(tiny_pipeline)
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
-    s = SamplingSettings(steps=2, cfg=3.0, compile="eager")
+    s = SamplingSettings(steps=2, cfg=3.0)
     for seed, prompt in enumerate(["a", "a red cup on a table by the sea", "x y", "one two three four five"]):
-        tiny_pipeline.run(Request([prompt], 32, 32, seed=seed, sampling=s))
+        tiny_pipeline.run(Request([prompt], 32, 32, seed=seed, sampling=s, execution=Execution(compile="eager")))
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     torch._dynamo.reset()

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from host_stand_in import PACK_NAME, host, models_dir, pack  # noqa: F401
 from nextstep_core.checkpoint import load_backbone
 from nextstep_core.cli import main as cli_main
-from nextstep_core.token_error import relative_error
+from bench.token_error import relative_error
 
 ck_tensor = pytest.importorskip("comfy_kitchen.tensor")
 QuantizedTensor = ck_tensor.QuantizedTensor
@@ -89,15 +89,16 @@ def test_comfy_kitchens_products_stay_near_the_clis(fmt, quantized):
 
 
 def test_an_earlier_fp8_file_converted_for_comfyui_holds_one_scale(quantized):
-    from nextstep_core.weights.convention import convert_earlier_state
+    from nextstep_core.weights.convention import from_earlier, layer_entry, to_core
     state, bb = quantized["fp8"]
     layer = "layers.0.mlp.up_proj"
     w = state[f"{layer}.weight"].float() * state[f"{layer}.weight_scale"]
     rows = w.abs().amax(dim=1) / 448  # the pack's earlier per-row fp8
-    earlier = {f"{layer}.weight": (w / rows[:, None]).to(torch.float8_e4m3fn), f"{layer}.scale": rows}
-    converted, meta = convert_earlier_state(earlier, "fp8", [layer])
-    assert json.loads(meta)["layers"][layer] == {"format": "float8_e4m3fn"}
-    assert converted[f"{layer}.weight_scale"].shape == ()
+    # the nodes' path for an earlier file's matrix: read_stored (from_earlier), then to_core
+    stored = to_core("fp8", from_earlier("fp8", (w / rows[:, None]).to(torch.float8_e4m3fn), rows))
+    assert layer_entry("fp8", stored) == {"format": "float8_e4m3fn"}
+    assert stored["weight_scale"].shape == ()
+    converted = {f"{layer}.weight": stored["weight"], f"{layer}.weight_scale": stored["weight_scale"]}
     held = core_weight("fp8", converted, layer).dequantize()
     assert float(relative_error(held, w).max()) < 0.05  # two roundings to e4m3 instead of one
 

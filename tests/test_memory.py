@@ -6,7 +6,8 @@ import torch
 from nextstep_core.checkpoint import load_backbone
 from nextstep_core.config import BackboneConfig
 from nextstep_core.errors import DeviceError, SettingsError
-from nextstep_core.memory import GiB, SLACK, plan, weight_bytes
+from nextstep_core.devices import SLACK
+from nextstep_core.memory import GiB, plan, weight_bytes
 
 FULL = BackboneConfig(hidden_size=5120, num_layers=48, num_heads=40, num_kv_heads=8, head_dim=128,
                       intermediate_size=13824, vocab_size=152064)

@@ -1,4 +1,4 @@
-"""8-bit backbone weights: the linears, load-time quantization, pre-quantized files, the CLI.
+"""Quantized backbone weights (int8, fp8, int4): the linears, load-time quantization, pre-quantized files, the CLI.
 
 Quality is measured teacher-forced (each token sampled from the state after the reference's
 previous tokens, with the reference's noise) because a free-running comparison on random weights
@@ -19,10 +19,11 @@ from nextstep_core.engine import SamplingSettings
 from nextstep_core.errors import CheckpointError, SettingsError
 from nextstep_core.weights.int4 import INT4_MATMUL_ENV, Int4Linear
 from nextstep_core.pipeline import NextStepPipeline, Request
+from nextstep_core.weights.convention import quantize_backbone
 from nextstep_core.weights.quant import (FP8_MATMUL_ENV, LINEARS, Fp8Linear, Int8Linear, QuantLinear, format_of,
-                                 probe_fp8_matmul, quantize_backbone)
-from nextstep_core.weights.quant_file import save_quantized
-from nextstep_core.token_error import relative_error, teacher_forced
+                                 probe_fp8_matmul)
+from nextstep_core.weights.quant_write import save_quantized
+from bench.token_error import relative_error, teacher_forced
 from parity_support import assert_tokens_close
 
 REAL = SamplingSettings(cfg=7.5, steps=28)

@@ -14,10 +14,10 @@ from safetensors.torch import load_file, save_file
 from nextstep_core.checkpoint import load_backbone
 from nextstep_core.cli import main as cli_main
 from nextstep_core.tiny import write_tiny
-from nextstep_core.weights.convention import convert_earlier_state, declared_layers
+from nextstep_core.weights.convention import declared_layers, layer_entry, to_core
 from nextstep_core.weights.quant import LINEARS, format_of
-from nextstep_core.weights.quant_file import file_format, is_earlier_layout
-from nextstep_core.weights.reading import ALIGN
+from nextstep_core.weights.quant_file import file_format, is_earlier_layout, read_stored
+from nextstep_core.weights.reading import ALIGN, WeightIndex
 from parity_support import assert_tokens_close
 
 CORE = {"int8": "int8_tensorwise", "fp8": "float8_e4m3fn", "int4": "nextstep_int4"}
@@ -121,11 +121,10 @@ def test_earlier_files_load_with_a_note_and_can_be_written_again(fmt, files, tmp
         if fmt != "fp8":  # names and shapes only: the same numbers
             a, b = load_file(new), load_file(files[fmt])
             assert all(torch.equal(a[k], b[k]) for k in b if k.startswith("layers."))
-        # what a host that reads the file itself gets (ComfyUI's loader): the state in the convention
-        state, quant = convert_earlier_state(stored, fmt, declared_layers(header(files[fmt])["__metadata__"]))
-        assert json.loads(quant)["layers"]["layers.0.self_attn.q_proj"]["format"] == CORE[fmt]
-        assert state["layers.1.mlp.down_proj.weight_scale"].shape == load_file(new)[
-            "layers.1.mlp.down_proj.weight_scale"].shape
+        # what a host's layer gets from the earlier file (the nodes' path: read_stored, then to_core)
+        held = to_core(fmt, read_stored(old, WeightIndex(old), "layers.1.mlp.down_proj", fmt, earlier=True))
+        assert layer_entry(fmt, held)["format"] == CORE[fmt]
+        assert held["weight_scale"].shape == load_file(new)["layers.1.mlp.down_proj.weight_scale"].shape
         other = "int8" if fmt == "fp8" else "fp8"
         assert cli_main(["quantize", "--model", old, "--format", other, "--out", str(tmp_path / "x.safetensors")]) == 2
         assert "can be written again only as" in capsys.readouterr().err

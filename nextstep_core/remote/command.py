@@ -6,6 +6,7 @@ import sys
 import time
 
 from ..errors import SettingsError
+from ..outputs import output_paths, save_png
 from ..presets import preset
 
 # (option, its value when not given): settings only a local run has
@@ -28,7 +29,6 @@ def check_args(args) -> None:
 
 
 def run_remote(args) -> int:
-    from ..cli import _save_png, output_paths
     from ..engine import SamplingSettings
     from ..pipeline import Request
     from . import DEFAULT_TIMEOUT, draw
@@ -54,7 +54,7 @@ def run_remote(args) -> int:
                   on_progress=progress, typed=tuple(args.server))
     paths = output_paths(args.out, result.images.shape[0])
     for img, path in zip(result.images, paths):
-        _save_png(img, path)
+        save_png(img, path)
     if not args.quiet:
         s = req.sampling
         print(f"{result.model} on {len(set(result.drawn_by))} server(s): {len(paths)} image(s) {req.width}x{req.height}, "

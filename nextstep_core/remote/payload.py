@@ -46,7 +46,7 @@ def check_request(req) -> int:
     if s.sampler != SAMPLER:
         raise SettingsError(f"sampler={s.sampler!r} runs locally only; vLLM-Omni samples with NextStep-1.1's own "
                             f"sampler ({SAMPLER}; 'auto' on the node).")
-    if s.exact or s.compile:
+    if req.execution.exact or req.execution.compile:
         raise SettingsError("exact and compile are settings of a local run; a server uses its own kernels.")
     count = len(prompts) * int(req.images_per_prompt)
     if req.images_per_prompt < 1:

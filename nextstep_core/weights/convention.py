@@ -28,12 +28,14 @@ from __future__ import annotations
 import json
 
 import torch
+from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, SettingsError
+from .int4 import group_size, quantize_int4
+from .quant import LINEARS, MODULES, QMAX, QUANTIZED, check_format, quantize_weight
 
 META_KEY = "_quantization_metadata"
 CORE_FORMAT = {"int8": "int8_tensorwise", "fp8": "float8_e4m3fn", "int4": "nextstep_int4"}
-PACK_FORMAT = {v: k for k, v in CORE_FORMAT.items()}
 SCALE = "weight_scale"
 EARLIER_SCALE = "scale"
 STORED_DTYPES = {"int8": (torch.int8, torch.float32), "fp8": (torch.float8_e4m3fn, torch.float32),
@@ -43,10 +45,8 @@ STORED_DTYPES = {"int8": (torch.int8, torch.float32), "fp8": (torch.float8_e4m3f
 def quantize_stored(w: torch.Tensor, fmt: str) -> dict:
     """A full-precision matrix [out, in] -> its stored tensors, on w's device."""
     if fmt == "int4":
-        from .int4 import group_size, quantize_int4
         packed, sz = quantize_int4(w, group_size(w.shape[1]))
         return {"weight": packed, SCALE: sz}
-    from .quant import quantize_weight
     q, scale = quantize_weight(w, fmt)
     return {"weight": q, SCALE: scale[0].clone() if fmt == "fp8" else scale.view(-1, 1)}
 
@@ -61,7 +61,6 @@ def layer_entry(fmt: str, stored: dict) -> dict:
 
 def module_from_stored(fmt: str, stored: dict, bias: torch.Tensor | None):
     """The CLI's module for one stored matrix (tensors used as they are: no copy, no rounding)."""
-    from .quant import MODULES
     weight, scale = stored["weight"], stored[SCALE]
     if fmt == "int4":
         return MODULES[fmt](weight, scale, bias)
@@ -74,6 +73,32 @@ def module_from_stored(fmt: str, stored: dict, bias: torch.Tensor | None):
         raise CheckpointError(f"a {fmt} scale of shape {tuple(scale.shape)} does not fit a matrix with {out} rows: "
                               "the file is damaged or in a layout this version does not know. Make it again.")
     return MODULES[fmt](weight, scale.to(torch.float32), bias)
+
+
+def quantize_layer(layer: nn.Module, fmt: str) -> nn.Module:
+    """Swap a decoder layer's seven Linears for quantized ones; each original is dropped as soon as
+    its replacement exists, so the extra memory is one matrix, not one layer. Each goes through its
+    stored form, as a file's matrices do, so this gives a file's layers exactly."""
+    check_format(fmt)
+    for path in LINEARS:
+        parent_name, name = path.split(".")
+        parent = getattr(layer, parent_name)
+        old = getattr(parent, name)
+        if isinstance(old, QUANTIZED):
+            raise SettingsError(f"This layer is already quantized ({old.fmt}); load the full-precision weights to "
+                                f"quantize them as {fmt}.")
+        bias = None if old.bias is None else old.bias.detach()
+        setattr(parent, name, module_from_stored(fmt, quantize_stored(old.weight.detach(), fmt), bias))
+        del old
+    return layer
+
+
+def quantize_backbone(backbone: nn.Module, fmt: str) -> nn.Module:
+    """In place, layer by layer; the LM head, embeddings, norms and projectors stay as they are."""
+    check_format(fmt)
+    for layer in backbone.layers:
+        quantize_layer(layer, fmt)
+    return backbone
 
 
 def host_module_from_stored(linear_class, fmt: str, stored: dict, bias: torch.Tensor | None, in_features: int,
@@ -118,7 +143,6 @@ def to_core(fmt: str, stored: dict) -> dict:
     first = scale.reshape(-1)[0]
     if bool((scale == first).all()):  # one scale already, held per row
         return {"weight": stored["weight"], SCALE: first.clone()}
-    from .quant import QMAX
     rows = stored["weight"].to(torch.float32) * scale.reshape(-1, 1).to(torch.float32)
     amax = float(rows.abs().amax())
     whole = torch.tensor(amax / QMAX[fmt] if amax > 0 else 1.0, dtype=torch.float32)
@@ -144,16 +168,3 @@ def declared_layers(metadata: dict) -> dict:
                               "is damaged. Make it again.") from None
     return layers
 
-
-def convert_earlier_state(state: dict, fmt: str, layers) -> tuple[dict, str]:
-    """A state dict read from one of the pack's earlier files, with the names of its quantized
-    `layers` -> (the state dict in ComfyUI's convention, its `_quantization_metadata` value), for a
-    host that loads files through its own reader (ComfyUI's mixed-precision layers)."""
-    out = dict(state)
-    entries = {}
-    for layer in layers:
-        weight, scale = out.pop(f"{layer}.weight"), out.pop(f"{layer}.{EARLIER_SCALE}")
-        stored = to_core(fmt, from_earlier(fmt, weight, scale))
-        out[f"{layer}.weight"], out[f"{layer}.{SCALE}"] = stored["weight"], stored[SCALE]
-        entries[layer] = layer_entry(fmt, stored)
-    return out, metadata_entry(entries)

@@ -1,4 +1,5 @@
-"""Weight-only 8-bit linears for the backbone's decoder layers.
+"""Weight-only int8 and fp8 linears for the backbone's decoder layers, and what every weight format
+shares (the format names, the module table, `format_of`); int4's own linear is in int4.py.
 
 Decoding is bound by reading weights, so halving their bytes halves the floor of every token step.
 Only the seven matrices of each decoder layer are quantized (88% of the bytes at 14B); the
@@ -177,9 +178,6 @@ class Fp8Linear(QuantLinear):
             return fp8_linear(x, weight, scale, bias)
         return dequantized_linear(x, weight, scale, bias)
 
-    def fp8_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.scale, self.bias)
-
 
 def dequantized_linear(x, weight, scale, bias=None) -> torch.Tensor:
     y = F.linear(x, weight.to(x.dtype)) * scale  # float32: the scale adds no rounding
@@ -283,33 +281,6 @@ def probe_fp8_matmul(device: torch.device) -> bool:
     return kernel_agrees("fp8", device, lambda: fp8_linear(x, q, scale), dequantized_linear(x.float(), q, scale), 0.1)
 
 
-def quantize_layer(layer: nn.Module, fmt: str) -> nn.Module:
-    """Swap a decoder layer's seven Linears for quantized ones; each original is dropped as soon as
-    its replacement exists, so the extra memory is one matrix, not one layer. The modules are made
-    as the loaders make them (convention.py), so this gives a file's layers exactly."""
-    from .convention import module_from_stored, quantize_stored
-    check_format(fmt)
-    for path in LINEARS:
-        parent_name, name = path.split(".")
-        parent = getattr(layer, parent_name)
-        old = getattr(parent, name)
-        if isinstance(old, QUANTIZED):
-            raise SettingsError(f"This layer is already quantized ({old.fmt}); load the full-precision weights to "
-                                f"quantize them as {fmt}.")
-        bias = None if old.bias is None else old.bias.detach()
-        setattr(parent, name, module_from_stored(fmt, quantize_stored(old.weight.detach(), fmt), bias))
-        del old
-    return layer
-
-
-def quantize_backbone(backbone: nn.Module, fmt: str) -> nn.Module:
-    """In place, layer by layer; the LM head, embeddings, norms and projectors stay as they are."""
-    check_format(fmt)
-    for layer in backbone.layers:
-        quantize_layer(layer, fmt)
-    return backbone
-
-
 def empty_quantized_layers(backbone: nn.Module, fmt: str) -> None:
     """Replace the seven Linears of every layer with placeholders of the right storage dtypes,
     for `load_state_dict(assign=True)` of a pre-quantized file."""
@@ -330,6 +301,6 @@ def format_of(backbone: nn.Module) -> str | None:
 
 
 def quantized_names(module: nn.Module) -> set[str]:
-    """State-dict names whose stored dtype is the data itself (8-bit weights and their scales)."""
+    """State-dict names whose stored dtype is the data itself (quantized weights and their scales)."""
     return {f"{n}.{t}" if n else t for n, m in module.named_modules() if isinstance(m, QUANTIZED)
             for t in ("weight", "scale")}

@@ -123,7 +123,7 @@ class WeightIndex:
     def load_into(self, module: torch.nn.Module, prefix: str, device, dtype, skip=(), keep_dtype=()) -> None:
         """Assign `prefix + name` for every parameter/buffer `name` of `module` (built on meta)
         except the local names in `skip` (left as they are, for the caller to replace); floating
-        tensors are cast to `dtype` except the local names in `keep_dtype` (8-bit weights and their
+        tensors are cast to `dtype` except the local names in `keep_dtype` (quantized weights and their
         scales, or matrices about to be quantized from their stored precision)."""
         from safetensors import safe_open
         wanted = {n: prefix + n for n, _ in list(module.named_parameters()) + list(module.named_buffers())

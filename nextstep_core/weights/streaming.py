@@ -148,7 +148,6 @@ class LayerStreamer:
             self.handles.append(layer.register_forward_pre_hook(self._before))
             self.handles.append(layer.register_forward_hook(self._after))
         self.index = {id(layer): i for i, layer in enumerate(self.streamed)}
-        self.slot_bytes = 2 * self.span
         if plan is None:  # a fixed layer count asked for directly: the model's figures for a 512x512 image
             from ..memory import plan as make_plan
             from .quant import format_of

@@ -1,5 +1,6 @@
-"""Teacher-forced token error: how far a variant of the backbone (8-bit, another kernel) moves each
-image token when it is fed the same previous tokens and the same noise as a reference.
+"""Teacher-forced token error: how far a variant of the backbone (quantized weights, another kernel)
+moves each image token when it is fed the same previous tokens and the same noise as a reference.
+bench/quant_error.py and the tests of the weight formats measure with it; the engine does not.
 
 Comparing two free-running generations measures chaos rather than the variant: on random weights
 a 1e-6 difference at the first token grows to O(1) within ~60 tokens. Feeding both the reference
@@ -9,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from .engine import SamplingSettings, TokenLoop, noise_for
-from .noise import make_generator
-from .prompts import PromptRows
+from nextstep_core.engine import SamplingSettings, TokenLoop, noise_for
+from nextstep_core.noise import make_generator
+from nextstep_core.prompts import PromptRows
 
 
 @torch.inference_mode()
