@@ -76,8 +76,9 @@ def test_a_sampler_file_is_offered_everywhere_and_sampled_with(pack, host, toy_s
     pipe = core.pipeline.NextStepPipeline(parts[0].module, parts[0].tokenizer, parts[1].module, parts[2].module)
 
     def tokens(sampler, shift, exact):
-        s = core.engine.SamplingSettings(steps=3, cfg=3.0, sampler=sampler, shift=shift, exact=exact)
-        return pipe.run(core.pipeline.Request(["a"], 32, 32, seed=5, sampling=s)).tokens
+        s = core.engine.SamplingSettings(steps=3, cfg=3.0, sampler=sampler, shift=shift)
+        return pipe.run(core.pipeline.Request(["a"], 32, 32, seed=5, sampling=s,
+                                              execution=core.engine.Execution(exact=exact))).tokens
 
     for exact in (True, False):
         toy = tokens(toy_sampler, 2.5, exact)
