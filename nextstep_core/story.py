@@ -20,12 +20,11 @@ from . import backbone as backbone_module
 from .devices import check_finite
 from .engine import Execution, SamplingSettings, TokenCallback, TokenLoop, noise_for
 from .errors import SettingsError
-from .images import check_size
+from .limits import check_size
 from .kv_cache import StaticKVCache
 from .noise import make_generator
 from .pipeline import NextStepPipeline
-from .prompts import image_prefix, left_pad
-from .samplers import check_guidance, check_sampler
+from .prompts import cfg_mult_for, image_prefix, left_pad
 
 
 @dataclass
@@ -68,7 +67,7 @@ class Storyboard:
         self.pipe = pipeline
 
     def start(self, *, cfg: float, negative: str = "", style: str = "") -> StoryContext:
-        return StoryContext(cfg_mult=1 if cfg == 1.0 else 2, negative=negative or "", style=style or "")
+        return StoryContext(cfg_mult=cfg_mult_for(cfg, 1.0, editing=False), negative=negative or "", style=style or "")
 
     def _panel_ids(self, ctx: StoryContext, prompt: str, positive: str, grid) -> tuple[torch.Tensor, torch.Tensor]:
         tok = self.pipe.tokenizer
@@ -86,8 +85,7 @@ class Storyboard:
 
     def grid(self, width, height):
         check_size(width, height)
-        p = self.pipe.backbone.cfg.latent_patch_size * self.pipe.vae.cfg.down_factor
-        return height // p, width // p
+        return self.pipe.grid(width, height)
 
     @torch.inference_mode()
     def add_panel(self, ctx: StoryContext, prompt: str, *, width: int, height: int, seed: int,
@@ -95,8 +93,6 @@ class Storyboard:
                   execution: Execution = Execution()) -> Panel:
         if not isinstance(prompt, str) or not prompt.strip():
             raise SettingsError(f"Panel {len(ctx.segments) + 1} has an empty prompt: write what it shows.")
-        check_guidance(sampling.cfg, 1.0)
-        check_sampler(sampling.sampler, sampling.steps)
         if (sampling.cfg != 1.0) != (ctx.cfg_mult == 2):
             raise SettingsError("A story keeps one CFG layout: use cfg 1 for all panels or cfg > 1 for all panels.")
         bb, dev = self.pipe.backbone, self.pipe.device
