@@ -231,6 +231,7 @@ def _stream(args, backbone, req, settings, device, editing) -> None:
     from .devices import free_bytes
     from .memory import bytes_on, plan
     from .weights.streaming import stream_layers
+    from .limits import token_grid
     from .prompts import cfg_mult_for
     from .weights.quant import format_of
     free = free_bytes(device)
@@ -238,8 +239,9 @@ def _stream(args, backbone, req, settings, device, editing) -> None:
         free += bytes_on(backbone, device)
     batch = (len(req.edit_images) if editing else max(1, len(req.prompts))) * req.images_per_prompt
     width, height = req.width or 512, req.height or 512
-    context = 512 + (width // 16) * (height // 16) * (len(args.panel) + len(args.prompt) if args.command ==
-                                                      "storyboard" else 1 if editing else 0)
+    rows, cols = token_grid(width, height)
+    context = 512 + rows * cols * (len(args.panel) + len(args.prompt) if args.command ==
+                                   "storyboard" else 1 if editing else 0)
     reasons = args.command == "generate" and req.reasoning.mode != "off" and req.reasoning.text is None
     if reasons:
         context += args.think_tokens

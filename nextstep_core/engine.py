@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from .backbone import Backbone
 from .flow_head import FlowHead
 from .kv_cache import StaticKVCache
+from .limits import CFG, CFG_IMG, SHIFT, STEPS
 from .noise import TokenNoise
 from .samplers import cfg_values, cfg_weights, combine_cfg, draws_per_token, get_sampler
 
@@ -32,6 +33,13 @@ class SamplingSettings:
     shift: float = 1.0
     use_norm: bool = False
     sampler: str = "nextstep1"
+
+    def __post_init__(self):
+        """Checked once, where made, against the one table of ranges (limits.py): each error names
+        the value and the fix. The sampler adds its own floor on steps."""
+        for rule, value in ((CFG, self.cfg), (CFG_IMG, self.cfg_img), (SHIFT, self.shift), (STEPS, self.steps)):
+            rule.check(value)
+        get_sampler(self.sampler).check_steps(self.steps)
 
 
 @dataclass(frozen=True)

@@ -7,24 +7,12 @@ import math
 import torch
 
 from .errors import InputImageError, SettingsError
+from .limits import PIXELS_PER_TOKEN as MULTIPLE, check_size, nearest_sizes
 
-MULTIPLE = 16
 # Official training aspect buckets (h, w) in 16-px tokens at 256 px; scaled by size / 256.
 BUCKETS = [(8, 32), (9, 28), (10, 25), (11, 23), (12, 21), (13, 19), (14, 18), (15, 17), (16, 16), (17, 15),
            (18, 14), (19, 13), (21, 12), (23, 11), (25, 10), (28, 9), (32, 8)]
 FIT_MODES = ("bucket", "center-crop", "resize", "none")
-
-
-def nearest_valid(v: int) -> list[int]:
-    lo = max(MULTIPLE, (v // MULTIPLE) * MULTIPLE)
-    return sorted({lo, lo + MULTIPLE})
-
-
-def check_size(width: int, height: int) -> None:
-    for name, v in (("width", width), ("height", height)):
-        if not isinstance(v, int) or v < MULTIPLE or v % MULTIPLE:
-            near = " or ".join(str(x) for x in nearest_valid(int(v) if isinstance(v, (int, float)) else 0))
-            raise SettingsError(f"{name}={v} is not a multiple of 16 (one image token is 16x16 pixels): use {near}.")
 
 
 def bucket_sizes(base: int = 512) -> list[tuple[int, int]]:
@@ -66,7 +54,7 @@ def fit_image(img, mode: str, base: int = 512):
     if mode == "none":
         if w % MULTIPLE or h % MULTIPLE:
             raise SettingsError(f"The input image is {w}x{h}; with fit 'none' both sides must be multiples of 16 "
-                                f"(e.g. {nearest_valid(w)[0]}x{nearest_valid(h)[0]}). Pick another fit mode.")
+                                f"(e.g. {nearest_sizes(w)[0]}x{nearest_sizes(h)[0]}). Pick another fit mode.")
         return img
     if mode == "resize":
         scale = base / math.sqrt(w * h)

@@ -5,7 +5,6 @@ image everywhere.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -17,15 +16,13 @@ from .devices import check_finite
 from .engine import Execution, SamplingSettings, TokenCallback, TokenLoop, noise_for
 from .errors import NextStepError, SettingsError
 from .flow_head import FlowHead
-from .images import check_size, fit_image, fit_to_size, to_model_pixels, to_output
+from .limits import check_count, check_seed, check_size, token_grid
+from .images import fit_image, fit_to_size, to_model_pixels, to_output
 from .noise import make_generator
 from .prompts import PromptRows, build_rows, image_prefix, left_pad, row_texts
 from .reasoning import ReasoningSettings, forced_suffix, generate_reasoning
-from .samplers import check_guidance, check_sampler
 from .tokenizer import NextStepTokenizer
 from .vae import NextStepVAE, patchify, unpatchify
-
-MAX_SEED = 2 ** 64 - 1
 
 
 @dataclass
@@ -44,6 +41,22 @@ class Request:
     reasoning: ReasoningSettings = field(default_factory=ReasoningSettings)
     execution: Execution = field(default_factory=Execution)  # how it computes (exact, CUDA graphs, compile)
 
+    def check(self) -> None:
+        """Raises SettingsError naming the first value a run cannot use and its fix, against the
+        ranges of limits.py (the sampling settings checked themselves when they were made)."""
+        prompts = list(self.prompts) if self.prompts else []
+        if not prompts:
+            raise SettingsError("No prompt given: write at least one prompt.")
+        if any(not isinstance(p, str) for p in prompts):
+            raise SettingsError("Prompts must be text.")
+        if self.edit_images is None or self.width is not None:  # else the fitted input gives the size
+            check_size(self.width, self.height)
+        check_count(self.images_per_prompt)
+        check_seed(self.seed)
+        self.reasoning.check()
+        if self.reasoning.mode != "off" and self.edit_images:
+            raise SettingsError("Self-CoT is for text-to-image; the Edit model was not trained to reason. Turn it off.")
+
 
 @dataclass
 class Result:
@@ -54,29 +67,6 @@ class Result:
     reasoning: list = field(default_factory=list)  # one text per conditional row ('' when Self-CoT is off)
 
 
-def validate(req: Request) -> None:
-    prompts = [p for p in req.prompts] if req.prompts else []
-    if not prompts:
-        raise SettingsError("No prompt given: write at least one prompt.")
-    if any(not isinstance(p, str) for p in prompts):
-        raise SettingsError("Prompts must be text.")
-    if req.edit_images is None and req.width is not None:
-        check_size(req.width, req.height)
-    s = req.sampling
-    check_guidance(s.cfg, s.cfg_img)
-    check_sampler(s.sampler, s.steps)
-    if not math.isfinite(s.shift) or s.shift <= 0:  # NaN would pass `<= 0` and give an all-black image
-        raise SettingsError(f"timesteps_shift={s.shift} must be a positive finite number (1.0 = no shift; the edit "
-                            "model uses 3.2).")
-    if req.images_per_prompt < 1:
-        raise SettingsError(f"images per prompt = {req.images_per_prompt}; use 1 or more.")
-    if not 0 <= int(req.seed) <= MAX_SEED:
-        raise SettingsError(f"seed={req.seed} is outside 0..2^64-1.")
-    req.reasoning.check()
-    if req.reasoning.mode != "off" and req.edit_images:
-        raise SettingsError("Self-CoT is for text-to-image; the Edit model was not trained to reason. Turn it off.")
-
-
 class NextStepPipeline:
     def __init__(self, backbone: Backbone, tokenizer: NextStepTokenizer, head: FlowHead, vae: NextStepVAE):
         check_compatible(backbone, head, vae)
@@ -85,6 +75,10 @@ class NextStepPipeline:
     @property
     def device(self) -> torch.device:
         return self.backbone.device
+
+    def grid(self, width: int, height: int) -> tuple[int, int]:
+        """(rows, columns) of image tokens for a width x height image on these parts."""
+        return token_grid(width, height, self.backbone.cfg.latent_patch_size * self.vae.cfg.down_factor)
 
     def _edit_inputs(self, req: Request):
         imgs = list(req.edit_images)
@@ -114,17 +108,15 @@ class NextStepPipeline:
     def run(self, req: Request, callback: Optional[TokenCallback] = None, text_callback=None) -> Result:
         """`callback(done, total, tokens)` after every image token; `text_callback(done, limit)` after
         every Self-CoT text token. Either may raise to cancel."""
-        validate(req)
+        req.check()
         s, exact = req.sampling, req.execution.exact
         bb, dev = self.backbone, self.device
         prompts, fitted = (self._edit_inputs(req) if req.edit_images else (list(req.prompts), None))
         width, height = req.width, req.height
         if fitted is not None and width is None:
             width, height = fitted[0].size
-        check_size(width, height)
-        p = bb.cfg.latent_patch_size * self.vae.cfg.down_factor
-        grid = (height // p, width // p)
-        edit_grid = (fitted[0].size[1] // p, fitted[0].size[0] // p) if fitted else None
+        grid = self.grid(width, height)
+        edit_grid = self.grid(*fitted[0].size) if fitted else None
         think = req.reasoning
         suffix = forced_suffix(think, self.tokenizer) if think.mode != "off" and think.text is not None else ""
         rows = build_rows(self.tokenizer, prompts, images_per_prompt=req.images_per_prompt, positive=req.positive,

@@ -11,7 +11,7 @@ larger one, so two different panel 3s grown from one panel 2 cannot disturb each
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -20,12 +20,12 @@ from . import backbone as backbone_module
 from .devices import check_finite
 from .engine import Execution, SamplingSettings, TokenCallback, TokenLoop, noise_for
 from .errors import SettingsError
-from .images import check_size
+from .images import from_hwc_float
+from .limits import check_size
 from .kv_cache import StaticKVCache
 from .noise import make_generator
-from .pipeline import NextStepPipeline
-from .prompts import image_prefix, left_pad
-from .samplers import check_guidance, check_sampler
+from .pipeline import NextStepPipeline, Request
+from .prompts import cfg_mult_for, image_prefix, left_pad
 
 
 @dataclass
@@ -56,6 +56,24 @@ class StoryContext:
         return StoryContext(self.cfg_mult, self.negative, self.style, self.cache.offloaded(), self.segments)
 
 
+def styled(style: str, prompt: str) -> str:
+    """A panel's caption: the story's character and style text, then the panel's prompt."""
+    return f"{style} {prompt}".strip() if style else prompt
+
+
+def edit_chain_request(ctx: StoryContext, prompt: str, *, seed: int, sampling: SamplingSettings, positive: str,
+                       width: int, height: int, previous=None) -> Request:
+    """The other story mode: each panel an edit of the one before (`previous`, a [1, H, W, 3]
+    image; the edit model), the first drawn from text without image guidance. The request runs
+    as any other, so its memory is planned the same way."""
+    text = styled(ctx.style, prompt)
+    if previous is None:
+        return Request([text], width, height, positive=positive, negative=ctx.negative, seed=int(seed),
+                       sampling=replace(sampling, cfg_img=1.0))
+    return Request([text], None, None, positive=positive, negative=ctx.negative, seed=int(seed), sampling=sampling,
+                   edit_images=[from_hwc_float(previous[0])], fit="none")
+
+
 @dataclass
 class Panel:
     image: torch.Tensor        # [1, H, W, 3]
@@ -67,12 +85,13 @@ class Storyboard:
     def __init__(self, pipeline: NextStepPipeline):
         self.pipe = pipeline
 
-    def start(self, *, cfg: float, negative: str = "", style: str = "") -> StoryContext:
-        return StoryContext(cfg_mult=1 if cfg == 1.0 else 2, negative=negative or "", style=style or "")
+    @staticmethod
+    def start(*, cfg: float, negative: str = "", style: str = "") -> StoryContext:
+        return StoryContext(cfg_mult=cfg_mult_for(cfg, 1.0, editing=False), negative=negative or "", style=style or "")
 
     def _panel_ids(self, ctx: StoryContext, prompt: str, positive: str, grid) -> tuple[torch.Tensor, torch.Tensor]:
         tok = self.pipe.tokenizer
-        text = f"{ctx.style} {prompt}".strip() if ctx.style else prompt
+        text = styled(ctx.style, prompt)
         if positive:
             text = f"{text} {positive}"
         texts = [text] + ([ctx.negative] if ctx.cfg_mult == 2 else [])
@@ -86,8 +105,7 @@ class Storyboard:
 
     def grid(self, width, height):
         check_size(width, height)
-        p = self.pipe.backbone.cfg.latent_patch_size * self.pipe.vae.cfg.down_factor
-        return height // p, width // p
+        return self.pipe.grid(width, height)
 
     @torch.inference_mode()
     def add_panel(self, ctx: StoryContext, prompt: str, *, width: int, height: int, seed: int,
@@ -95,8 +113,6 @@ class Storyboard:
                   execution: Execution = Execution()) -> Panel:
         if not isinstance(prompt, str) or not prompt.strip():
             raise SettingsError(f"Panel {len(ctx.segments) + 1} has an empty prompt: write what it shows.")
-        check_guidance(sampling.cfg, 1.0)
-        check_sampler(sampling.sampler, sampling.steps)
         if (sampling.cfg != 1.0) != (ctx.cfg_mult == 2):
             raise SettingsError("A story keeps one CFG layout: use cfg 1 for all panels or cfg > 1 for all panels.")
         bb, dev = self.pipe.backbone, self.pipe.device

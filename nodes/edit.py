@@ -4,6 +4,7 @@ from __future__ import annotations
 from . import runner, settings
 from ..nextstep_core.errors import InputImageError, SettingsError
 from ..nextstep_core.images import FIT_MODES, fit_image, from_hwc_float
+from ..nextstep_core.limits import CFG_IMG
 from ..nextstep_core.pipeline import Request
 from ..nextstep_core.presets import PRESETS
 
@@ -55,7 +56,7 @@ class NextStepEdit:
                     "Text guidance: how strongly the edit follows the instruction. 1 turns guidance off.")),
                 "cfg_img": settings.cfg_input(CARD["cfg_img"], (
                     "Image guidance: how closely the result keeps the input image. 1 turns it off; the example "
-                    "uses 2.0.")),
+                    "uses 2.0."), CFG_IMG),
                 **settings.sampling_inputs(CARD["steps"], CARD["shift"], CARD["use_norm"]),
                 "seed": settings.seed_input(CARD["seed"]),
             },

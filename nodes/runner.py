@@ -6,7 +6,7 @@ from . import bridge, core_memory
 from .progress import TokenProgress
 from .remote import LOCAL_ONLY, is_remote
 from .sockets import BACKBONE, FLOW_HEAD, VAE, LoadedPart, label
-from ..nextstep_core.checkpoint import attach_lm_head, check_compatible
+from ..nextstep_core.checkpoint import attach_lm_head
 from ..nextstep_core.errors import SettingsError
 from ..nextstep_core.pipeline import NextStepPipeline, Request, Result
 from ..nextstep_core.prompts import cfg_mult_for
@@ -14,9 +14,10 @@ from ..nextstep_core.prompts import cfg_mult_for
 PROMPT_TOKENS = 512  # a generous prompt length for the memory estimate
 
 
-def check_parts(backbone, flow_head, vae) -> None:
-    """Raises SettingsError (naming the loader to connect) unless the three inputs are a backbone,
-    a flow head and a VAE that fit together and are set to the same device."""
+def pipeline_for(backbone, flow_head, vae) -> NextStepPipeline:
+    """The engine on the three inputs. Raises SettingsError (naming the loader to connect) unless
+    they are a backbone, a flow head and a VAE set to the same device that fit together (the
+    pipeline checks that)."""
     if is_remote(backbone, flow_head, vae):
         raise SettingsError(LOCAL_ONLY)
     for value, kind, node in ((backbone, BACKBONE, "NextStep Backbone Loader"),
@@ -25,22 +26,21 @@ def check_parts(backbone, flow_head, vae) -> None:
         if not isinstance(value, LoadedPart) or value.kind != kind:
             raise SettingsError(f"The {label(kind)} input got {value!r}; "
                                 f"connect a {node}.")
-    check_compatible(backbone.module, flow_head.module, vae.module)
     devices = {p.kind: p.load_device for p in (backbone, flow_head, vae)}
     if len({(d.type, d.index) for d in devices.values()}) > 1:
         listed = ", ".join(f"{label(k)} on {d}" for k, d in devices.items())
         raise SettingsError(f"The three NextStep parts are set to different devices ({listed}): set the same "
                             "device on all three loaders.")
+    return NextStepPipeline(backbone.module, backbone.tokenizer, flow_head.module, vae.module)
 
 
 def run(backbone: LoadedPart, flow_head: LoadedPart, vae: LoadedPart, request: Request, *, width: int,
         height: int, node_id=None) -> Result:
     """`width`/`height`: the output size, known before the run (edits: the fitted input size,
     which is also the size of the image tokens in the prompt)."""
-    check_parts(backbone, flow_head, vae)
+    pipeline = pipeline_for(backbone, flow_head, vae)
     bb = backbone.module
-    p = bb.cfg.latent_patch_size * vae.module.cfg.down_factor
-    grid = (height // p, width // p)
+    grid = pipeline.grid(width, height)
     s = request.sampling
     batch = len(request.edit_images or request.prompts) * request.images_per_prompt
     editing = request.edit_images is not None
@@ -52,7 +52,6 @@ def run(backbone: LoadedPart, flow_head: LoadedPart, vae: LoadedPart, request: R
         attach_lm_head(bb)  # read now (in RAM, built from core's layers), so core pages it with the rest
         core_memory.refresh_size(backbone.patcher)
     extra = (tokens if editing else 0) + (think.max_tokens if writes_text else 0)
-    pipeline = NextStepPipeline(bb, backbone.tokenizer, flow_head.module, vae.module)
     load_parts(backbone, flow_head, vae, rows, batch, tokens, PROMPT_TOKENS + extra, node_id)
     return pipeline.run(request, callback=TokenProgress(vae.module, bb, grid, node_id))
 

@@ -6,20 +6,16 @@ position, and the web extension finds widgets by name).
 """
 from __future__ import annotations
 
-import math
-
 from ..nextstep_core.engine import SamplingSettings
 from ..nextstep_core.errors import SettingsError
-from ..nextstep_core.images import MULTIPLE, bucket_sizes
+from ..nextstep_core.images import bucket_sizes
+from ..nextstep_core.limits import CFG, MAX_SEED, MAX_SIZE, PIXELS_PER_TOKEN, SHIFT, STEPS, Range
+from ..nextstep_core.limits import size_problem as engine_size_problem
 from ..nextstep_core.presets import preset
 from ..nextstep_core.samplers import CFG_SCHEDULES, get_sampler, sampler_names
 from .sockets import BACKBONE, FLOW_HEAD, VAE
 
 CATEGORY = "NextStep"
-MAX_SIZE = 2048
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
-CFG_RANGE = (1.0, 30.0)
-SHIFT_RANGE = (0.05, 20.0)
 
 
 def bucket_list(base: int = 512) -> str:
@@ -39,12 +35,18 @@ def prompt_input(tooltip: str, default: str = "", multiline: bool = True):
 
 
 def size_input(default: int, tooltip: str):
-    return ("INT", {"default": default, "min": MULTIPLE, "max": MAX_SIZE, "step": MULTIPLE, "tooltip": tooltip})
+    return ("INT", {"default": default, "min": PIXELS_PER_TOKEN, "max": MAX_SIZE, "step": PIXELS_PER_TOKEN,
+                    "tooltip": tooltip})
 
 
-def cfg_input(default: float, tooltip: str):
-    return ("FLOAT", {"default": default, "min": CFG_RANGE[0], "max": CFG_RANGE[1], "step": 0.1, "round": 0.01,
+def float_input(rule: Range, default: float, tooltip: str):
+    """A FLOAT widget whose min, max and step are the engine's (limits.py)."""
+    return ("FLOAT", {"default": default, "min": rule.lo, "max": rule.hi, "step": rule.step, "round": 0.01,
                       "tooltip": tooltip})
+
+
+def cfg_input(default: float, tooltip: str, rule: Range = CFG):
+    return float_input(rule, default, tooltip)
 
 
 def sampler_choices() -> list[str]:
@@ -67,14 +69,12 @@ def cfg_schedule_tooltip() -> str:
 def sampling_inputs(steps: int, shift: float, use_norm: bool) -> dict:
     """steps .. cfg_schedule, in widget order."""
     return {
-        "steps": ("INT", {"default": steps, "min": 1, "max": 200, "tooltip": (
+        "steps": ("INT", {"default": steps, "min": STEPS.lo, "max": STEPS.hi, "tooltip": (
             "Flow-matching steps per image token (the model cards use 28 for NextStep-1, 30 for 1.1, 50 for edits). "
             "Fewer is faster and rougher.")}),
-        "timesteps_shift": ("FLOAT", {"default": shift, "min": SHIFT_RANGE[0], "max": SHIFT_RANGE[1], "step": 0.05,
-                                      "round": 0.01,
-                                      "tooltip": (
+        "timesteps_shift": float_input(SHIFT, shift, (
             "Time shift of the flow schedule: above 1 spends more steps near noise. 1.0 for text to image, "
-            "3.2 for the edit model.")}),
+            "3.2 for the edit model.")),
         "use_norm": ("BOOLEAN", {"default": use_norm, "tooltip": (
             "LayerNorm each sampled token before it is fed back, as the edit model expects (on for "
             "NextStep-1-Large-Edit, off for the text-to-image models).")}),
@@ -98,43 +98,21 @@ def sampling(backbone, *, cfg: float, cfg_img: float, cfg_schedule: str, steps: 
              use_norm: bool, sampler: str) -> SamplingSettings:
     if sampler not in sampler_choices():
         raise SettingsError(f"sampler={sampler!r} is not one of {', '.join(sampler_choices())}.")
-    for name, value, bounds, usual in (("cfg", cfg, CFG_RANGE, "7.5"), ("cfg_img", cfg_img, CFG_RANGE, "2.0"),
-                                       ("timesteps_shift", timesteps_shift, SHIFT_RANGE, "1.0, or 3.2 for edits")):
-        problem = number_problem(name, value, bounds, usual)
-        if problem:
-            raise SettingsError(problem)
-    return SamplingSettings(cfg=float(cfg), cfg_img=float(cfg_img), cfg_schedule=cfg_schedule, steps=int(steps),
-                            shift=float(timesteps_shift), use_norm=bool(use_norm),
+    # the settings check themselves against the engine's ranges: a value that is no number is
+    # passed on as it is, so its message is the engine's too
+    return SamplingSettings(cfg=number(cfg), cfg_img=number(cfg_img), cfg_schedule=cfg_schedule,
+                            steps=number(steps, int), shift=number(timesteps_shift), use_norm=bool(use_norm),
                             sampler=resolve_sampler(sampler, backbone))
 
 
-def number_problem(name: str, value, bounds: tuple, usual: str) -> str | None:
-    """Why a FLOAT widget value cannot be used, or None. ComfyUI's own min/max check lets NaN
-    through (every comparison with NaN is false), and a script or a hand-edited workflow can send
-    it; sampled with it, every token is NaN and the image comes out black."""
-    lo, hi = bounds
+def number(value, kind=float):
     try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return f"{name}={value!r} is not a number. Use a value between {lo} and {hi} (usually {usual})."
-    if not math.isfinite(v):
-        return f"{name}={v} is not a finite number. Use a value between {lo} and {hi} (usually {usual})."
-    if not lo <= v <= hi:
-        return f"{name}={v} is outside {lo}..{hi}. Use a value in that range (usually {usual})."
-    return None
+        return kind(value)
+    except (TypeError, ValueError, OverflowError):
+        return value
 
 
 def size_problem(name: str, value) -> str | None:
     """Why a width/height/size widget value cannot be used, or None. Linked values are only
     known at run time (None here) and are checked then."""
-    if value is None:
-        return None
-    value = int(value)
-    if MULTIPLE <= value <= MAX_SIZE and value % MULTIPLE == 0:
-        return None
-    if value < MULTIPLE or value > MAX_SIZE:
-        near = str(MULTIPLE if value < MULTIPLE else MAX_SIZE)
-    else:
-        near = f"{value // MULTIPLE * MULTIPLE} or {value // MULTIPLE * MULTIPLE + MULTIPLE}"
-    return (f"{name}={value} cannot be used: it must be a multiple of 16 between {MULTIPLE} and {MAX_SIZE} "
-            f"(one image token is 16x16 pixels). Use {near}.")
+    return None if value is None else engine_size_problem(name, value)

@@ -18,9 +18,8 @@ from . import runner, settings
 from .progress import TokenProgress
 from ..nextstep_core.engine import SamplingSettings
 from ..nextstep_core.errors import SettingsError
-from ..nextstep_core.pipeline import NextStepPipeline, Request
 from ..nextstep_core.presets import PRESETS
-from ..nextstep_core.story import StoryContext, Storyboard
+from ..nextstep_core.story import StoryContext, Storyboard, edit_chain_request
 
 STORY = "NEXTSTEP_STORY"
 MODES = ["story", "edit chain"]
@@ -80,7 +79,7 @@ def start_story(backbone, flow_head, vae, style, positive_prompt, negative_promp
     cfg_img = EDIT_CFG_IMG if mode == "edit chain" else 1.0
     s = settings.sampling(backbone, cfg=cfg, cfg_img=cfg_img, cfg_schedule=cfg_schedule, steps=steps,
                           timesteps_shift=timesteps_shift, use_norm=use_norm, sampler=sampler)
-    ctx = StoryContext(cfg_mult=1 if s.cfg == 1.0 else 2, negative=negative_prompt or "", style=style or "")
+    ctx = Storyboard.start(cfg=s.cfg, negative=negative_prompt, style=style)
     return StoryState((backbone, flow_head, vae), s, int(width), int(height), positive_prompt or "", mode, ctx)
 
 
@@ -88,24 +87,14 @@ def add_panel(state: StoryState, prompt: str, seed: int, node_id=None) -> tuple[
     backbone, flow_head, vae = state.parts
     if not isinstance(prompt, str) or not prompt.strip():
         raise SettingsError(f"Panel {state.panels + 1} has an empty prompt: write what it shows.")
-    if state.mode == "edit chain" and state.last_image is not None:
-        from ..nextstep_core.images import from_hwc_float
-        text = f"{state.context.style} {prompt}".strip() if state.context.style else prompt
-        req = Request([text], None, None, positive=state.positive, negative=state.context.negative, seed=int(seed),
-                      sampling=state.sampling, edit_images=[from_hwc_float(state.last_image[0])], fit="none")
+    if state.mode == "edit chain":
+        req = edit_chain_request(state.context, prompt, seed=int(seed), sampling=state.sampling,
+                                 positive=state.positive, width=state.width, height=state.height,
+                                 previous=state.last_image)
         image = runner.run(backbone, flow_head, vae, req, width=state.width, height=state.height,
                            node_id=node_id).images
         return image, replace(state, last_image=image, panels=state.panels + 1)
-    if state.mode == "edit chain":  # the first panel of an edit chain is drawn from text
-        text = f"{state.context.style} {prompt}".strip() if state.context.style else prompt
-        req = Request([text], state.width, state.height, positive=state.positive, negative=state.context.negative,
-                      seed=int(seed), sampling=replace(state.sampling, cfg_img=1.0))
-        image = runner.run(backbone, flow_head, vae, req, width=state.width, height=state.height,
-                           node_id=node_id).images
-        return image, replace(state, last_image=image, panels=state.panels + 1)
-    runner.check_parts(backbone, flow_head, vae)
-    pipe = NextStepPipeline(backbone.module, backbone.tokenizer, flow_head.module, vae.module)
-    board = Storyboard(pipe)
+    board = Storyboard(runner.pipeline_for(backbone, flow_head, vae))
     grid = board.grid(state.width, state.height)
     tokens = grid[0] * grid[1]
     runner.load_parts(backbone, flow_head, vae, state.context.cfg_mult, 1, tokens,

@@ -68,13 +68,13 @@ def test_nan_is_refused_when_the_node_runs_naming_the_value(pack, host, name):
 
 def test_cfg_nan_in_the_engine_is_not_called_below_1(pack):
     SettingsError = pack.nextstep_core.errors.SettingsError
-    check_guidance = pack.nextstep_core.samplers.check_guidance
+    settings = pack.nextstep_core.engine.SamplingSettings
     with pytest.raises(SettingsError, match=r"^cfg=nan is not a finite number"):
-        check_guidance(float("nan"), 1.0)
+        settings(cfg=float("nan"), cfg_img=1.0)
     with pytest.raises(SettingsError, match=r"^cfg_img=inf is not a finite number"):
-        check_guidance(7.5, float("inf"))
+        settings(cfg=7.5, cfg_img=float("inf"))
     with pytest.raises(SettingsError, match=r"^cfg=0\.5 is below 1"):
-        check_guidance(0.5, 1.0)
+        settings(cfg=0.5, cfg_img=1.0)
 
 
 @pytest.mark.parametrize("name", ["NextStepTextToImage", "NextStepStoryboard", "NextStepStoryStart"])
@@ -87,7 +87,7 @@ def test_a_bad_width_is_reported_on_width_only(pack, host, name):
         # off the 16-px grid: within the declared range, so refused when the node runs, naming the input
         assert validate_widgets(cls, {**defaults, inp: 1000}) == []
         parts = load_parts(pack)
-        with pytest.raises(pack.nextstep_core.errors.SettingsError, match=rf"^{inp}=1000 cannot be used") as info:
+        with pytest.raises(pack.nextstep_core.errors.SettingsError, match=rf"^{inp}=1000 is not a multiple of 16") as info:
             call(cls, **node_args(pack, name, parts, **{inp: 1000}))
         assert other not in str(info.value)
 
@@ -96,7 +96,7 @@ def test_edit_size_is_reported_on_size_only(pack):
     cls = pack.NODE_CLASS_MAPPINGS["NextStepEdit"]
     defaults = {k: v for k, v in widget_defaults(cls).items() if v is not None}
     errors = validate_widgets(cls, {**defaults, "size": 1000})
-    assert [e[0] for e in errors] == ["size"] and "size=1000 cannot be used" in errors[0][1]
+    assert [e[0] for e in errors] == ["size"] and "size=1000 is not a multiple of 16" in errors[0][1]
     assert validate_widgets(cls, {**defaults, "size": 512, "cfg_img": float("inf")}) == [
         ("cfg_img", "Value inf bigger than max of 30.0")]
 

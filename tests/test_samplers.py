@@ -2,9 +2,10 @@
 import pytest
 import torch
 
+from nextstep_core.engine import SamplingSettings
 from nextstep_core.errors import SettingsError
 from nextstep_core.noise import TokenNoise, make_generator
-from nextstep_core.samplers import (cfg_values, check_guidance, check_sampler, combine_cfg, draws_per_token,
+from nextstep_core.samplers import (cfg_values, check_sampler, combine_cfg, draws_per_token,
                                     get_sampler, sampler_names, sde_step, shift_time)
 
 
@@ -62,9 +63,9 @@ def test_cfg_schedules():
 
 def test_bad_guidance_and_steps_are_rejected_with_the_fix():
     with pytest.raises(SettingsError, match=r"cfg=0.5 is below 1.*7.5"):
-        check_guidance(0.5, 1.0)
+        SamplingSettings(cfg=0.5, cfg_img=1.0)
     with pytest.raises(SettingsError, match="cfg_img"):
-        check_guidance(7.5, 0.0)
+        SamplingSettings(cfg=7.5, cfg_img=0.0)
     with pytest.raises(SettingsError, match="steps=0"):
         check_sampler("nextstep1.1", 0)
     with pytest.raises(SettingsError, match="steps=1"):

@@ -61,7 +61,7 @@ def test_storyboard_node_errors(pack, host):
         call(m["NextStepStoryboard"], **story_args(pack, parts, "NextStepStoryboard", panels=" \n", seed=1))
     with pytest.raises(SettingsError, match="connect NextStep Story Start"):
         call(m["NextStepStoryboardPanel"], story="nope", prompt="x", seed=1)
-    with pytest.raises(SettingsError, match=r"^width=30 cannot be used: it must be a multiple of 16"):
+    with pytest.raises(SettingsError, match=r"^width=30 is not a multiple of 16 between 16 and 2048"):
         call(m["NextStepStoryboard"], **story_args(pack, parts, "NextStepStoryboard", panels="a", seed=1, width=30))
     with pytest.raises(SettingsError, match=r"^timesteps_shift=nan is not a finite number"):
         call(m["NextStepStoryStart"], **story_args(pack, parts, "NextStepStoryStart", timesteps_shift=float("nan")))

@@ -9,14 +9,14 @@ import io
 import torch
 
 from ..errors import SettingsError
-from ..images import check_size
+from ..limits import check_count, check_size
 from .servers import ServerError
 
-MAX_SEED = 2 ** 63 - 1   # the server's seed is an int64
-MAX_CFG = 20.0           # ImageGenerationRequest.guidance_scale <= 20
-MAX_STEPS = 200          # ImageGenerationRequest.num_inference_steps <= 200
-SCHEDULES = ("constant", "linear")   # what NextStep11Pipeline implements
+SERVER_MAX_SEED = 2 ** 63 - 1  # the server's seed is an int64
+MAX_CFG = 20.0  # ImageGenerationRequest.guidance_scale <= 20
+SCHEDULES = ("constant", "linear")  # what NextStep11Pipeline implements
 SAMPLER = "nextstep1.1"  # the only sampler the server runs
+# its steps (<= 200) are the engine's own range, limits.STEPS, checked where the settings are made
 
 
 def check_request(req) -> int:
@@ -36,10 +36,6 @@ def check_request(req) -> int:
     if not 1.0 <= s.cfg <= MAX_CFG:
         raise SettingsError(f"cfg={s.cfg}: vLLM-Omni takes cfg from 1 (guidance off) to {MAX_CFG:g}; the model card "
                             "uses 7.5.")
-    if not 1 <= s.steps <= MAX_STEPS:
-        raise SettingsError(f"steps={s.steps}: vLLM-Omni takes 1 to {MAX_STEPS} steps; NextStep-1.1 uses 30.")
-    if not s.shift > 0:
-        raise SettingsError(f"timesteps_shift={s.shift} must be positive (1.0 = no shift).")
     if s.cfg_schedule not in SCHEDULES:
         raise SettingsError(f"cfg_schedule={s.cfg_schedule!r} runs locally only; vLLM-Omni has "
                             f"{' and '.join(SCHEDULES)}.")
@@ -49,11 +45,10 @@ def check_request(req) -> int:
     if req.execution.exact or req.execution.compile:
         raise SettingsError("exact and compile are settings of a local run; a server uses its own kernels.")
     count = len(prompts) * int(req.images_per_prompt)
-    if req.images_per_prompt < 1:
-        raise SettingsError(f"images per prompt = {req.images_per_prompt}; use 1 or more.")
-    if not 0 <= int(req.seed) <= MAX_SEED - (count - 1):
+    check_count(req.images_per_prompt)
+    if not 0 <= int(req.seed) <= SERVER_MAX_SEED - (count - 1):
         raise SettingsError(f"seed={req.seed}: image i is drawn with seed + i, and vLLM-Omni takes seeds up to "
-                            f"2^63-1; use a seed from 0 to {MAX_SEED - (count - 1)}.")
+                            f"2^63-1; use a seed from 0 to {SERVER_MAX_SEED - (count - 1)}.")
     return count
 
 

@@ -2,8 +2,6 @@
 over the image tokens (one table: the widgets, the CLI and `cfg_values` all read CFG_SCHEDULES)."""
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..errors import SettingsError
@@ -62,14 +60,3 @@ def cfg_values(schedule: str, cfg: float, cfg_img: float, n_tokens: int) -> torc
     for j, val in enumerate((cfg, cfg_img)):
         out[:, j] = rule(val, k, n_tokens)
     return out
-
-
-def check_guidance(cfg: float, cfg_img: float) -> None:
-    for name, val in (("cfg", cfg), ("cfg_img", cfg_img)):
-        if not math.isfinite(val):
-            raise SettingsError(f"{name}={val} is not a finite number. Guidance scales start at 1.0 (= guidance "
-                                "off); the model cards use cfg 7.5 and, for editing, cfg_img 2.0.")
-        if val < 1.0:
-            raise SettingsError(
-                f"{name}={val} is below 1. Guidance scales start at 1.0 (= guidance off); the model cards "
-                "use cfg 7.5 and, for editing, cfg_img 2.0.")
