@@ -113,7 +113,8 @@ class Attention(nn.Module):
             f = self.fused_qkv() if fused else None
             y = f(x) if f is not None else torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
             y = y.view(b, nh + 2 * nkv, 1, hd)  # one position: [b, 1, heads, hd] and [b, heads, 1, hd] share memory
-            qk = torch.addcmul(y[:, :nh + nkv] * cos, swap_halves(y[:, :nh + nkv]), sin)
+            qk = y[:, :nh + nkv]
+            qk = torch.addcmul(qk * cos, swap_halves(qk), sin)
             q, k, v = qk[:, :nh], qk[:, nh:], y[:, nh + nkv:]
         else:
             q = self.q_proj(x).view(b, n, nh, hd).transpose(1, 2)

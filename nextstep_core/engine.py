@@ -91,8 +91,9 @@ class TokenLoop:
             return out if out.dtype == torch.float32 else out.to(torch.float32)
 
         if exact:
+            cfg_k, img_k = scale[0], scale[1]
             return self._finish(self.sampler.sample(
-                lambda x, i: combine_cfg(velocities(x, i), cfg_mult, scale[0], scale[1]), z, self.constants))
+                lambda x, i: combine_cfg(velocities(x, i), cfg_mult, cfg_k, img_k), z, self.constants))
         a, b, cn = self.fast_coefs
         bw = (b[:, None] * cfg_weights(scale, cfg_mult)[None]).unbind(0)  # [steps][cfg_mult]
         x = z[0]
