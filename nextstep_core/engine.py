@@ -95,13 +95,13 @@ class TokenLoop:
             return self._finish(self.sampler.sample(
                 lambda x, i: combine_cfg(velocities(x, i), cfg_mult, cfg_k, img_k), z, self.constants))
         a, b, cn = self.fast_coefs
-        bw = (b[:, None] * cfg_weights(scale, cfg_mult)[None]).unbind(0)  # [steps][cfg_mult]
+        bw = (b[:, None] * cfg_weights(scale, cfg_mult)[None]).flatten().unbind(0)  # steps x cfg_mult, one op
         x = z[0]
         for i in range(self.s.steps):
             out = velocities(x, i)
             x = x * a[i] if a[i] is not None else x
-            for vj, bj in zip(out.chunk(cfg_mult, dim=0), bw[i].unbind(0)):
-                x = torch.addcmul(x, vj, bj)
+            for j, vj in enumerate(out.chunk(cfg_mult, dim=0)):
+                x = torch.addcmul(x, vj, bw[i * cfg_mult + j])
             if cn[i] is not None:
                 x = torch.addcmul(x, z[i + 1], cn[i])
         return self._finish(x)

@@ -145,7 +145,7 @@ class FlowHead(RunsOn, nn.Module):
                 parts = list(o.chunk(o.shape[-1] // dim, dim=-1))
                 parts[1] = 1 + parts[1]
                 out += [p.unbind(0) for p in parts]
-            return [list(step) for step in zip(*out)]
+            return list(zip(*out))
         y = F.silu(y)
         f = self.fused_modulation()
         out = f(y) if f is not None else torch.cat([seq[1](y) for seq in seqs], dim=-1)
