@@ -29,7 +29,7 @@ from nextstep_core.flow_head import FlowHead  # noqa: E402
 from nextstep_core.noise import make_generator  # noqa: E402
 
 
-HEAD_PARTS = ("prepare", "velocity", "prepare_fast", "velocity_fast")  # the exact and the fast path's
+HEAD_PARTS = ("prepare", "velocity")  # both modes (exact and fast)
 
 
 def build(args):

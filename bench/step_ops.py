@@ -4,6 +4,8 @@
     python bench/step_ops.py --exact          # the bit-parity path
     python bench/step_ops.py --quant int8     # 8-bit backbone weights
     python bench/step_ops.py --compiled       # + kernels of the inductor-compiled step (slow to compile)
+    python bench/step_ops.py --eager --layers 8 --heads 8 --kv 2 --head-layers 6
+                                              # the CLI's default path on a CPU (no CUDA graph), small model
 
 The number of ops a step dispatches depends on the depth, the step count and the code path, not on
 the widths, so the model is built at the real depth with narrow layers and runs in a second on a
@@ -115,6 +117,26 @@ def step_counts(step: StaticStep) -> dict:
     return dict(whole=whole, head=head, backbone=backbone)
 
 
+def eager_counts(step: StaticStep) -> dict:
+    """Ops of one image token as `TokenLoop.run` computes it without a CUDA graph (the CLI's default
+    on a CPU): the head, the feedback projection, and `Backbone.step` over the filled cache."""
+    loop, bb, cache, cfg_mult = step.loop, step.loop.bb, step.cache, step.cfg_mult
+    cache.length = int(step.pos)
+
+    def token():
+        tok = loop.sample_token(step.hidden, step.noise, step.scale, cfg_mult)
+        e = bb.image_in_projector(tok).repeat(cfg_mult, 1)
+        return tok, e
+
+    token()  # warm-up, as in step_counts
+    bb.step(token()[1][:, None], cache, loop._kv(cache, 1), fast=not loop.execution.exact)
+    head = count(lambda: loop.sample_token(step.hidden, step.noise, step.scale, cfg_mult))
+    whole = count(lambda: bb.step(token()[1][:, None], cache, loop._kv(cache, 1), fast=not loop.execution.exact))
+    e = token()[1]
+    backbone = count(lambda: bb.step(e[:, None], cache, loop._kv(cache, 1), fast=not loop.execution.exact))
+    return dict(whole=whole, head=head, backbone=backbone)
+
+
 def compiled_kernels(step: StaticStep) -> int:
     """Kernels the inductor-compiled step body launches per call: its generated (fused) kernels
     plus the library calls it leaves in place (matrix products, attention), read from the wrapper
@@ -155,6 +177,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=FULL_DEPTH["layers"])
     ap.add_argument("--head-layers", type=int, default=FULL_DEPTH["head_layers"])
+    ap.add_argument("--heads", type=int, default=FULL_DEPTH["heads"])
+    ap.add_argument("--kv", type=int, default=FULL_DEPTH["kv"])
+    ap.add_argument("--eager", action="store_true", help="count the eager step (no CUDA graph): the CLI's default on a CPU")
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--sampler", default="nextstep1")
     ap.add_argument("--quant", choices=["int8", "fp8"])
@@ -165,17 +190,17 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     dtype = getattr(torch, args.dtype)
-    bb, head = build(layers=args.layers, heads=FULL_DEPTH["heads"], kv=FULL_DEPTH["kv"], head_dim=4,
+    bb, head = build(layers=args.layers, heads=args.heads, kv=args.kv, head_dim=4,
                      head_layers=args.head_layers, dtype=dtype, quant=args.quant)
-    print(f"torch {torch.__version__}; {args.layers} layers (GQA {FULL_DEPTH['heads']}/{FULL_DEPTH['kv']}), "
+    print(f"torch {torch.__version__}; {args.layers} layers (GQA {args.heads}/{args.kv}), "
           f"head {args.head_layers} blocks, {args.steps} steps ({args.sampler}), 2 CFG rows, "
-          f"{args.dtype}{' + ' + args.quant if args.quant else ''}, CPU")
+          f"{args.dtype}{' + ' + args.quant if args.quant else ''}, CPU, {'eager' if args.eager else 'captured'} step")
     rows = []
     with torch.inference_mode():
         for exact in ((True,) if args.exact else (False, True)):
             s = SamplingSettings(steps=args.steps, sampler=args.sampler)
             step = make_step(bb, head, s, Execution(exact=exact))
-            c = step_counts(step)
+            c = eager_counts(step) if args.eager else step_counts(step)
             rows.append(("exact" if exact else "fast", c, args.layers, args.steps))
             if args.top:
                 print(f"{'exact' if exact else 'fast'}: " + ", ".join(f"{k} {n}" for k, n in c["whole"].ops.most_common(args.top)))

@@ -21,7 +21,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
+        """`fast`: one `rms_norm` kernel (rounding may move); else the reference's float32 steps."""
+        if fast:
+            return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
         dtype = x.dtype
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -70,11 +73,13 @@ class Rope:
         half = head_dim // 2
         self.sin_signed = torch.cat((-self.sin[:, :half], self.sin[:, half:]), dim=-1)
 
-    def slice(self, start: int, count: int):
-        return self.cos[start:start + count][None, None], self.sin[start:start + count][None, None]
-
-    def signed_slice(self, start: int, count: int):
-        return self.cos[start:start + count][None, None], self.sin_signed[start:start + count][None, None]
+    def at(self, pos, count: int, signed: bool):
+        """cos and sin [1, 1, count, head_dim] for positions pos..pos+count-1; `pos` an int, or a
+        1-element device tensor (read on the device); `signed`: the sine table for `swap_halves`."""
+        sin = self.sin_signed if signed else self.sin
+        if isinstance(pos, torch.Tensor):
+            return self.cos.index_select(0, pos)[None, None], sin.index_select(0, pos)[None, None]
+        return self.cos[pos:pos + count][None, None], sin[pos:pos + count][None, None]
 
 
 def swap_halves(x: torch.Tensor) -> torch.Tensor:
@@ -92,32 +97,36 @@ class Attention(nn.Module):
         self.v_proj = ops.Linear(h, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
         self.o_proj = ops.Linear(cfg.num_heads * cfg.head_dim, h, bias=cfg.o_bias)
 
-    def forward(self, x, cos, sin, cache: StaticKVCache, layer: int, start: int, mask, kv_len: int):
+    def forward(self, x, cos, sin, cache: StaticKVCache, layer: int, pos, mask, kv_len, fast: bool = False,
+                fused: bool = True):
+        """Attention for queries at positions pos..pos+n-1, returned before o_proj. `pos` is an int,
+        or for one position a 1-element device tensor (static shapes and addresses: the step can be
+        captured in a CUDA graph); see `StaticKVCache.update` for what is attended.
+
+        `fast` (one position; `sin` from the signed table): one q|k|v product (`fused`), RoPE on q
+        and k together, and the query heads of each KV group folded into the query length (q_len 1
+        -> group size), so SDPA needs no GQA support and the [B,1,1,L] mask simply broadcasts. Same
+        maths as the reference's operations used otherwise; only rounding moves."""
         b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        cache.keys[layer][:, :, start:start + n] = k
-        cache.values[layer][:, :, start:start + n] = v
-        out = attend(q, cache.keys[layer][:, :, :kv_len], cache.values[layer][:, :, :kv_len], mask)
-        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
-
-
-    def forward_at(self, x, cos, sin, cache: StaticKVCache, layer: int, pos: torch.Tensor, mask):
-        """One position given as a device tensor: static shapes and addresses, so the step can be
-        captured in a CUDA graph and replayed for every token without Python deciding anything."""
-        b = x.shape[0]
-        q = self.q_proj(x).view(b, 1, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, 1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, 1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        cache.keys[layer].index_copy_(2, pos, k)
-        cache.values[layer].index_copy_(2, pos, v)
-        out = attend(q, cache.keys[layer], cache.values[layer], mask)
-        return self.o_proj(out.transpose(1, 2).reshape(b, 1, -1))
+        nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        if fast:
+            f = self.fused_qkv() if fused else None
+            y = f(x) if f is not None else torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+            y = y.view(b, nh + 2 * nkv, 1, hd)  # one position: [b, 1, heads, hd] and [b, heads, 1, hd] share memory
+            qk = y[:, :nh + nkv]
+            qk = torch.addcmul(qk * cos, swap_halves(qk), sin)
+            q, k, v = qk[:, :nh], qk[:, nh:], y[:, nh + nkv:]
+        else:
+            q = self.q_proj(x).view(b, n, nh, hd).transpose(1, 2)
+            k = self.k_proj(x).view(b, n, nkv, hd).transpose(1, 2)
+            v = self.v_proj(x).view(b, n, nkv, hd).transpose(1, 2)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+        keys, values = cache.update(layer, pos, k, v, kv_len)
+        if fast:
+            out = F.scaled_dot_product_attention(q.reshape(b, nkv, nh // nkv, hd), keys, values, attn_mask=mask)
+            return out.reshape(b, 1, nh * hd)
+        return attend(q, keys, values, mask).transpose(1, 2).reshape(b, n, -1)
 
     def _apply(self, fn, recurse=True):
         # the fused layout holds the joined weights where they were: a move must not leave it behind
@@ -131,34 +140,6 @@ class Attention(nn.Module):
             from .fused import fused_linear
             f = self._qkv = fused_linear([self.q_proj, self.k_proj, self.v_proj])
         return f
-
-    def decode(self, x, cos, sin_signed, cache: StaticKVCache, layer: int, write, mask, kv_len, fused: bool):
-        """The fast path for one new position: one q|k|v product, RoPE on q and k together, and
-        for attention the query heads of each KV group folded into the query length (q_len 1
-        -> q_len = group size), so SDPA needs no GQA support and the [B,1,1,L] mask simply
-        broadcasts. `write` is the position: an int, or a 1-element device tensor (captured
-        step). Returns the attention output before o_proj. Same maths as `forward`; only rounding moves."""
-        b = x.shape[0]
-        nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        f = self.fused_qkv() if fused else None
-        if f is not None:
-            y = f(x)
-        else:
-            y = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
-        y = y.view(b, nh + 2 * nkv, 1, hd)  # one position: [b, 1, heads, hd] and [b, heads, 1, hd] share memory
-        qk = y[:, :nh + nkv]
-        qk = torch.addcmul(qk * cos, swap_halves(qk), sin_signed)
-        q, k, v = qk[:, :nh], qk[:, nh:], y[:, nh + nkv:]
-        if isinstance(write, torch.Tensor):
-            cache.keys[layer].index_copy_(2, write, k)
-            cache.values[layer].index_copy_(2, write, v)
-            keys, values = cache.keys[layer], cache.values[layer]
-        else:
-            cache.keys[layer][:, :, write:write + 1] = k
-            cache.values[layer][:, :, write:write + 1] = v
-            keys, values = cache.keys[layer][:, :, :kv_len], cache.values[layer][:, :, :kv_len]
-        out = F.scaled_dot_product_attention(q.reshape(b, nkv, nh // nkv, hd), keys, values, attn_mask=mask)
-        return out.reshape(b, 1, nh * hd)
 
 
 class MLP(nn.Module):
@@ -201,20 +182,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, ops)
 
-    def forward(self, x, cos, sin, cache, layer, start, mask, kv_len, fast: bool = False, fused: bool = True):
-        """`fast` (one position, sin given as `Rope.sin_signed`): the fused decode path."""
-        if fast:
-            return self.decode(x, cos, sin, cache, layer, start, mask, kv_len, fused)
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, start, mask, kv_len)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-    def decode(self, x, cos, sin_signed, cache, layer, write, mask, kv_len, fused: bool):
-        from .fused import linear_add
-        n1, n2 = self.input_layernorm, self.post_attention_layernorm
-        h = F.rms_norm(x, x.shape[-1:], n1.weight, n1.eps)
+    def forward(self, x, cos, sin, cache, layer, pos, mask, kv_len, fast: bool = False, fused: bool = True):
+        """`fast` (one position): the fused step, with the residual additions riding in the o_proj
+        and down_proj products; otherwise the reference's operations, bit for bit."""
         attn = self.self_attn
-        x = linear_add(x, attn.o_proj, attn.decode(h, cos, sin_signed, cache, layer, write, mask, kv_len, fused))
-        return self.mlp.decode(x, F.rms_norm(x, x.shape[-1:], n2.weight, n2.eps), fused)
+        h = attn(self.input_layernorm(x, fast), cos, sin, cache, layer, pos, mask, kv_len, fast, fused)
+        if not fast:
+            x = x + attn.o_proj(h)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        from .fused import linear_add
+        x = linear_add(x, attn.o_proj, h)
+        return self.mlp.decode(x, self.post_attention_layernorm(x, fast), fused)
 
 
 class Backbone(RunsOn, nn.Module):
@@ -328,39 +306,41 @@ class Backbone(RunsOn, nn.Module):
             emb[slots] = self.image_in_projector(image_tokens.to(emb.dtype)).to(emb.dtype)
         return emb
 
-    def _run(self, embeds: torch.Tensor, cache: StaticKVCache, kv_len: int | None, fast: bool = False) -> torch.Tensor:
-        """Run `embeds` [batch, n, hidden] at cache positions length..length+n-1 (positions are cache
-        positions for every row, pads included, as in the official code); returns final-norm hidden
-        states. `kv_len=None` attends over the whole preallocated cache (bit-equal to the official
-        static-cache path); otherwise only the filled prefix is attended (faster, same maths).
-        `fast` (one position only) takes the fused decode path of `DecoderLayer.decode`."""
-        start, n = cache.length, embeds.shape[1]
+    def _run(self, embeds: torch.Tensor, cache: StaticKVCache, pos, kv_len: int | None, fast: bool) -> torch.Tensor:
+        """Run `embeds` [batch, n, hidden] at cache positions pos..pos+n-1 (cache positions for every
+        row, pads included, as in the official code); returns final-norm hidden states. `pos` is
+        `cache.length`, or for one position a 1-element device tensor (the captured step: the whole
+        cache attended under a mask made on the device, nothing read back, `cache.length` left to
+        the caller). `kv_len=None` attends the whole preallocated cache (bit-equal to the official
+        static-cache path); otherwise only the filled prefix (faster, same maths). `fast` (one
+        position only): the fused step of `DecoderLayer`, never for bit parity."""
+        n = embeds.shape[1]
         fast = fast and n == 1
-        kv = cache.max_len if kv_len is None else max(kv_len, start + n)
-        if kv_len is not None and pads_attention(embeds.device):
-            kv = min(-(-kv // 16) * 16, cache.max_len)
-        mask = cache.additive_mask(start, n, kv)
-        rope = self.rope(cache.max_len)
-        cos, sin = rope.signed_slice(start, n) if fast else rope.slice(start, n)
+        kv = cache.max_len
+        if kv_len is not None and not isinstance(pos, torch.Tensor):
+            kv = max(kv_len, pos + n)
+            if pads_attention(embeds.device):
+                kv = min(-(-kv // 16) * 16, cache.max_len)
+        mask = cache.additive_mask(pos, n, kv)
+        cos, sin = self.rope_built(cache.max_len).at(pos, n, fast)
         fused = self.streamer is None  # streamed layers get their weights swapped in per call
         x = embeds
 
         def body(i, layer):
             nonlocal x
-            x = layer(x, cos, sin, cache, i, start, mask, kv, fast, fused)
+            x = layer(x, cos, sin, cache, i, pos, mask, kv, fast, fused)
 
         self.run_layers(body)
-        cache.length = start + n
-        if fast:
-            return F.rms_norm(x, x.shape[-1:], self.norm.weight, self.norm.eps)
-        return self.norm(x)
+        if not isinstance(pos, torch.Tensor):
+            cache.length = pos + n
+        return self.norm(x, fast)
 
     def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor, cache: StaticKVCache,
                 kv_len: int | None = None) -> torch.Tensor:
         """Append a (left-padded) block; `attention_mask` [batch, n] marks real tokens with 1."""
         start, n = cache.length, embeds.shape[1]
         cache.valid[:, start:start + n] = attention_mask.to(torch.bool)
-        return self._run(embeds, cache, kv_len)
+        return self._run(embeds, cache, start, kv_len, False)
 
     def step(self, embeds: torch.Tensor, cache: StaticKVCache, kv_len: int | None = None,
              valid: torch.Tensor | None = None, fast: bool = False) -> torch.Tensor:
@@ -368,36 +348,13 @@ class Backbone(RunsOn, nn.Module):
         a token there (a row that already finished its reasoning gets a masked slot). `fast`: the
         fused decode path (same maths, different rounding; never for bit parity)."""
         cache.valid[:, cache.length:cache.length + embeds.shape[1]] = True if valid is None else valid[:, None]
-        return self._run(embeds, cache, kv_len, fast)
+        return self._run(embeds, cache, cache.length, kv_len, fast)
 
     def step_at(self, embeds: torch.Tensor, cache: StaticKVCache, pos: torch.Tensor, fast: bool = False) -> torch.Tensor:
-        """`step` for one position held in a 1-element device tensor: attends the whole cache with a
-        mask computed on the device (bit-equal to `step(..., kv_len=None)` unless `fast`), and leaves
-        `cache.length` alone (the caller tracks it); nothing here reads back to the host."""
+        """`step` for one position held in a 1-element device tensor (bit-equal to
+        `step(..., kv_len=None)` unless `fast`); the caller tracks `cache.length`."""
         cache.valid.index_fill_(1, pos, True)
-        slots = torch.arange(cache.max_len, device=pos.device)
-        allowed = cache.valid & (slots <= pos)[None]
-        mask = torch.zeros(allowed.shape, dtype=cache.dtype, device=pos.device)
-        mask.masked_fill_(~allowed, torch.finfo(cache.dtype).min)
-        mask = mask[:, None, None]
-        rope = self.rope_built(cache.max_len)
-        cos = rope.cos.index_select(0, pos)[None, None]
-        x = embeds
-        sin = (rope.sin_signed if fast else rope.sin).index_select(0, pos)[None, None]
-
-        def body(i, layer):
-            nonlocal x
-            if fast:
-                x = layer.decode(x, cos, sin, cache, i, pos, mask, None, True)
-            else:
-                h = layer.input_layernorm(x)
-                x = x + layer.self_attn.forward_at(h, cos, sin, cache, i, pos, mask)
-                x = x + layer.mlp(layer.post_attention_layernorm(x))
-
-        self.run_layers(body)
-        if fast:
-            return F.rms_norm(x, x.shape[-1:], self.norm.weight, self.norm.eps)
-        return self.norm(x)
+        return self._run(embeds, cache, pos, None, fast)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:

@@ -82,45 +82,34 @@ class TokenLoop:
     def sample_token(self, hidden: torch.Tensor, z: torch.Tensor, scale: torch.Tensor, cfg_mult: int) -> torch.Tensor:
         """One image token from the state before it: the head's N steps with CFG, then use_norm.
         hidden [rows, H]; z [draws, rows / cfg_mult, D] noise; scale [2] (cfg, cfg_img).
-        Returns the token in the backbone dtype."""
-        if not self.execution.exact:
-            return self.sample_token_fast(hidden, z, scale, cfg_mult)
-        head, bb = self.head, self.bb
-        c = bb.image_out_projector(hidden)
-        if c.dtype != head.dtype:
-            c = c.to(head.dtype)
-        mods = head.prepare(c, self.t_emb, per_step=True)
-        cfg_k, img_k = scale[0], scale[1]
+        Returns the token in the backbone dtype.
 
-        def v(x, i):
-            x = x.repeat(cfg_mult, 1)
-            out = head.velocity(x if x.dtype == head.dtype else x.to(head.dtype), mods, i)
-            return combine_cfg(out if out.dtype == torch.float32 else out.to(torch.float32), cfg_mult, cfg_k, img_k)
+        Exact: the sampler's own step (`Sampler.sample`, the reference's operations). Otherwise the
+        same sampler with the arithmetic folded: per step x <- A x + sum_j B_j v_j + C w, where v_j
+        are the CFG rows' velocities, B_j the step's (1+t) dt times each row's CFG weight and C the
+        noise scale (the SDE's var (1-t)^2 + t(1-t) is 1-t on paper), with the head's fast mode;
+        rounding differs (measured and bounded in the tests)."""
+        head, exact = self.head, self.execution.exact
+        c = self.bb.image_out_projector(hidden)
+        mods = head.prepare(c if c.dtype == head.dtype else c.to(head.dtype), self.t_emb, not exact)
 
-        return self._finish(self.sampler.sample(v, z, self.constants))
-
-    def sample_token_fast(self, hidden: torch.Tensor, z: torch.Tensor, scale: torch.Tensor, cfg_mult: int) -> torch.Tensor:
-        """The same sampler with the arithmetic folded: per step x <- A x + sum_j B_j v_j + C w,
-        where v_j are the CFG rows' velocities, B_j the step's (1+t) dt times each row's CFG
-        weight and C the noise scale (the SDE's var (1-t)^2 + t(1-t) is 1-t on paper), one
-        fused modulation GEMM per token, and six kernels per head block. Same maths as
-        `sample_token`; rounding differs (measured and bounded in the tests)."""
-        s, head, bb = self.s, self.head, self.bb
-        c = bb.image_out_projector(hidden)
-        if c.dtype != head.dtype:
-            c = c.to(head.dtype)
-        mods = head.prepare_fast(c, self.t_emb)
-        a, b, cn = self.fast_coefs
-        bw = (b[:, None] * cfg_weights(scale, cfg_mult)[None]).unbind(0)  # [steps][cfg_mult]
-        x = z[0]
-        for i in range(s.steps):
+        def velocities(x, i):  # every CFG row's velocity at step i, float32
             xr = x.repeat(cfg_mult, 1) if cfg_mult > 1 else x
-            out = head.velocity_fast(xr if xr.dtype == head.dtype else xr.to(head.dtype), mods[i])
-            if out.dtype != torch.float32:
-                out = out.to(torch.float32)
+            out = head.velocity(xr if xr.dtype == head.dtype else xr.to(head.dtype), mods[i], not exact)
+            return out if out.dtype == torch.float32 else out.to(torch.float32)
+
+        if exact:
+            cfg_k, img_k = scale[0], scale[1]
+            return self._finish(self.sampler.sample(
+                lambda x, i: combine_cfg(velocities(x, i), cfg_mult, cfg_k, img_k), z, self.constants))
+        a, b, cn = self.fast_coefs
+        bw = (b[:, None] * cfg_weights(scale, cfg_mult)[None]).flatten().unbind(0)  # steps x cfg_mult, one op
+        x = z[0]
+        for i in range(self.s.steps):
+            out = velocities(x, i)
             x = x * a[i] if a[i] is not None else x
-            for vj, bj in zip(out.chunk(cfg_mult, dim=0), bw[i].unbind(0)):
-                x = torch.addcmul(x, vj, bj)
+            for j, vj in enumerate(out.chunk(cfg_mult, dim=0)):
+                x = torch.addcmul(x, vj, bw[i * cfg_mult + j])
             if cn[i] is not None:
                 x = torch.addcmul(x, z[i + 1], cn[i])
         return self._finish(x)

@@ -3,13 +3,13 @@
 Per image token the head is evaluated N times with the same condition and a time grid that is
 identical for every token. Only the x-path depends on the step, so `prepare()` computes the
 time embeddings, the condition embedding and every adaLN modulation once per token, and
-`velocity()` runs just the x-path. Parameter names match `image_head.net.*` in the checkpoints.
+`velocity()` runs just the x-path. Both have one mode that keeps the reference's operations (bit
+parity) and a fast one (fused products and kernels; only rounding moves). Parameter names match
+`image_head.net.*` in the checkpoints.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -90,15 +90,6 @@ class SimpleMLPAdaLN(nn.Module):
         return self.final_layer.run(h, shift, 1 + scale)
 
 
-@dataclass
-class Modulations:
-    """adaLN outputs for every step of one token, as per-step lists (no indexing per step):
-    blocks[i] = (shift, 1 + scale, gate) with each a list of [rows, dim] over the steps;
-    final = (shift, 1 + scale)."""
-    blocks: list
-    final: tuple
-
-
 class FlowHead(RunsOn, nn.Module):
     """`image_head` of the checkpoint; all sampling logic lives in samplers.py."""
 
@@ -129,33 +120,6 @@ class FlowHead(RunsOn, nn.Module):
         t = t.to(self.dtype)  # the reference casts t to the condition dtype before embedding
         return torch.stack([self.net.time_embed(ti.expand(rows)) for ti in t])
 
-    def prepare(self, c: torch.Tensor, t_emb: torch.Tensor, per_step: bool = False) -> Modulations:
-        """Everything that depends only on (t, c) for one token. `per_step=True` runs one GEMM per
-        step with the reference's row count (bit-equal); otherwise all steps go through one GEMM
-        (same maths, one weight read per token instead of one per step)."""
-        y = t_emb + self.net.cond_embed(c)[None]  # [steps, rows, dim]
-        steps, rows, dim = y.shape
-
-        def mod(seq, chunks):
-            if per_step:
-                out = torch.stack([seq(y[s]) for s in range(steps)])
-            else:
-                out = seq(y.reshape(steps * rows, dim)).reshape(steps, rows, -1)
-            parts = list(out.chunk(chunks, dim=-1))
-            parts[1] = 1 + parts[1]
-            return tuple(p.unbind(0) for p in parts)
-
-        blocks = [mod(b.adaLN_modulation, 3) for b in self.net.res_blocks]
-        return Modulations(blocks, mod(self.net.final_layer.adaLN_modulation, 2))
-
-    def velocity(self, x: torch.Tensor, mods: Modulations, step: int) -> torch.Tensor:
-        """x-path only: [rows, input_dim] in the head dtype -> velocity in the head dtype."""
-        h = self.net.input_proj(x)
-        for blk, (shift, scale1, gate) in zip(self.net.res_blocks, mods.blocks):
-            h = blk.run(h, shift[step], scale1[step], gate[step])
-        shift, scale1 = mods.final
-        return self.net.final_layer.run(h, shift[step], scale1[step])
-
     def fused_modulation(self):
         """Every adaLN Linear (12 blocks + final) reads the same SiLU(y): one product for all."""
         mods = [b.adaLN_modulation[1] for b in self.net.res_blocks] + [self.net.final_layer.adaLN_modulation[1]]
@@ -165,29 +129,36 @@ class FlowHead(RunsOn, nn.Module):
             f = self._adaln = fused_linear(mods)
         return f
 
-    def prepare_fast(self, c: torch.Tensor, t_emb: torch.Tensor) -> list:
-        """The fast path's `prepare`: every modulation of every step of one token from one SiLU,
-        one GEMM (all blocks, all steps) and one add that turns each scale into 1 + scale.
-        Returns per step a list of [rows, dim] tensors: (shift, 1+scale, gate) per block, then
-        the final layer's (shift, 1+scale)."""
-        y = F.silu(t_emb + self.net.cond_embed(c)[None])  # [steps, rows, dim]
+    def prepare(self, c: torch.Tensor, t_emb: torch.Tensor, fast: bool) -> list:
+        """Everything that depends only on (t, c) for one token: per step a list of [rows, dim]
+        tensors, (shift, 1 + scale, gate) per block, then the final layer's (shift, 1 + scale).
+        `fast`: one SiLU, one GEMM for every adaLN product of every step (see `fused_modulation`)
+        and one in-place add for every 1 + scale; otherwise each adaLN layer once per step with
+        the reference's row count (bit-equal to evaluating inside the loop)."""
+        y = t_emb + self.net.cond_embed(c)[None]  # [steps, rows, dim]
         steps, rows, dim = y.shape
+        seqs = [b.adaLN_modulation for b in self.net.res_blocks] + [self.net.final_layer.adaLN_modulation]
+        if not fast:
+            out = []
+            for seq in seqs:
+                o = torch.stack([seq(y[s]) for s in range(steps)])
+                parts = list(o.chunk(o.shape[-1] // dim, dim=-1))
+                parts[1] = 1 + parts[1]
+                out += [p.unbind(0) for p in parts]
+            return list(zip(*out))
+        y = F.silu(y)
         f = self.fused_modulation()
-        if f is None:
-            mods = [b.adaLN_modulation[1] for b in self.net.res_blocks] + [self.net.final_layer.adaLN_modulation[1]]
-            out = torch.cat([m(y) for m in mods], dim=-1)
-        else:
-            out = f(y)
-        chunks = out.shape[-1] // dim
-        out = out.view(steps, rows, chunks, dim)
+        out = f(y) if f is not None else torch.cat([seq[1](y) for seq in seqs], dim=-1)
+        out = out.view(steps, rows, out.shape[-1] // dim, dim)
         # 1 + scale in place, on the scale chunk of every (shift, scale, gate) triple and of the final
         # (shift, scale): nothing is created and kept here, which a compiled step would guard on
         out[:, :, 1::3] += 1
         return [step.unbind(1) for step in out.unbind(0)]
 
-    def velocity_fast(self, x: torch.Tensor, mods: list) -> torch.Tensor:
-        """x-path for one step, from that step's entry of `prepare_fast`."""
+    def velocity(self, x: torch.Tensor, mods: list, fast: bool) -> torch.Tensor:
+        """x-path for one step, from that step's entry of `prepare`: [rows, input_dim] in the head
+        dtype -> velocity in the head dtype."""
         h = self.net.input_proj(x)
         for i, blk in enumerate(self.net.res_blocks):
-            h = blk.run_fused(h, mods[3 * i], mods[3 * i + 1], mods[3 * i + 2])
-        return self.net.final_layer.run_fused(h, mods[-2], mods[-1])
+            h = (blk.run_fused if fast else blk.run)(h, *mods[3 * i:3 * i + 3])
+        return (self.net.final_layer.run_fused if fast else self.net.final_layer.run)(h, mods[-2], mods[-1])

@@ -25,14 +25,31 @@ class StaticKVCache:
     def batch(self) -> int:
         return self.valid.shape[0]
 
-    def additive_mask(self, start: int, count: int, kv_len: int) -> torch.Tensor:
-        """[batch, 1, count, kv_len] mask for queries at positions start..start+count-1."""
-        q_pos = torch.arange(start, start + count, device=self.valid.device)
+    def additive_mask(self, start, count: int, kv_len: int) -> torch.Tensor:
+        """[batch, 1, count, kv_len] mask for queries at positions start..start+count-1 (`start` an
+        int, or for one query a 1-element device tensor)."""
+        if isinstance(start, torch.Tensor):
+            q_pos = start
+        else:
+            q_pos = torch.arange(start, start + count, device=self.valid.device)
         k_pos = torch.arange(kv_len, device=self.valid.device)
         allowed = (k_pos[None, :] <= q_pos[:, None])[None] & self.valid[:, None, :kv_len]
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.valid.device)
         mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
         return mask[:, None]
+
+    def update(self, layer: int, pos, k: torch.Tensor, v: torch.Tensor, kv_len: int):
+        """Write k, v [batch, kv_heads, n, head_dim] at slots pos..pos+n-1 and return the keys and
+        values to attend: the first `kv_len` slots, or for a 1-element device tensor `pos` (written
+        on the device, no host sync) the whole cache."""
+        keys, values = self.keys[layer], self.values[layer]
+        if isinstance(pos, torch.Tensor):
+            keys.index_copy_(2, pos, k)
+            values.index_copy_(2, pos, v)
+            return keys, values
+        keys[:, :, pos:pos + k.shape[2]] = k
+        values[:, :, pos:pos + k.shape[2]] = v
+        return keys[:, :, :kv_len], values[:, :, :kv_len]
 
     def rows(self, start: int, stop: int) -> "StaticKVCache":
         """A cache over rows start..stop-1 that shares storage with this one (writes go through);
