@@ -21,10 +21,11 @@ from .weights.quant_file import (MAKE_ONE, META_VARIANT, check_declared, file_fo
                                  pick_quantized, quantized_config, read_stored, scan)
 from .tokenizer import NextStepTokenizer
 from .vae import NextStepVAE, VAEConfig
+from .variants import FALLBACK, NAMES, named_by
 from .weights.reading import WeightIndex, load_torch_state, safetensors_header, check_shapes
 
 HEAD_PREFIX = "image_head."
-VARIANTS = ("nextstep1-large", "nextstep1-large-pretrain", "nextstep1-large-edit", "nextstep1.1", "nextstep1.1-pretrain")
+VARIANTS = NAMES
 
 
 def describe_folder(path: str) -> str:
@@ -78,13 +79,9 @@ def model_variant(folder: str) -> str:
     # the folder's own name first; then names above it that mention NextStep, since the Hugging Face
     # cache keeps the repo name above the snapshot: .../models--stepfun-ai--NextStep-1-Large-Edit/snapshots/<hash>
     for name in [parts[-1]] + [p for p in reversed(parts[:-1]) if "nextstep" in p.lower()]:
-        name = name.lower().replace("_", "-")
-        if "1.1" in name or "1-1" in name:
-            return "nextstep1.1-pretrain" if "pretrain" in name else "nextstep1.1"
-        if "edit" in name:
-            return "nextstep1-large-edit"
-        if "pretrain" in name:
-            return "nextstep1-large-pretrain"
+        named = named_by(name)
+        if named is not None:
+            return named
     cfg_path = os.path.join(folder, "config.json")
     if os.path.isfile(cfg_path):
         cfg = read_json(cfg_path)
@@ -95,7 +92,7 @@ def model_variant(folder: str) -> str:
         recorded = {file_metadata(p).get(META_VARIANT) for ps in found.values() for p in ps}
         if len(recorded) == 1 and next(iter(recorded)) in VARIANTS:
             return next(iter(recorded))
-    return "nextstep1-large"
+    return FALLBACK
 
 
 

@@ -12,9 +12,9 @@ import os
 
 from . import bridge
 from ..nextstep_core.errors import CheckpointError
+from ..nextstep_core.variants import TABLE, by_folder
 
-REPOS = ("NextStep-1-Large", "NextStep-1-Large-Pretrain", "NextStep-1-Large-Edit", "NextStep-1.1",
-         "NextStep-1.1-Pretrain")
+REPOS = tuple(v.folder for v in TABLE)  # the folder names the released repos download to
 VAE_WEIGHTS = ("checkpoint.pt", "diffusion_pytorch_model.safetensors", "model.safetensors")
 SCAN_DEPTH = 2  # models/nextstep/<name> and models/nextstep/<org>/<name>
 
@@ -96,11 +96,11 @@ def _where() -> str:
 
 def _download_hint(name: str) -> str:
     leaf = name.rstrip("/").split("/")[-1]
-    repo = next((r for r in REPOS if r.lower() == leaf.lower()), None)
-    if repo is None:
-        return ("Download a NextStep repo (e.g. stepfun-ai/NextStep-1-Large) into models/nextstep/<its name>, "
+    variant = by_folder(leaf)
+    if variant is None:
+        return (f"Download a NextStep repo (e.g. {TABLE[0].repo}) into models/nextstep/<its name>, "
                 "then press R in ComfyUI to refresh the list.")
-    return (f"Download it with `huggingface-cli download stepfun-ai/{repo} --local-dir models/nextstep/{repo}`, "
+    return (f"Download it with `huggingface-cli download {variant.repo} --local-dir models/nextstep/{variant.folder}`, "
             "then press R in ComfyUI to refresh the list.")
 
 

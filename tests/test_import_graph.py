@@ -15,7 +15,7 @@ PACKAGES = ("nextstep_core", "nodes")
 
 # Lowest first. A module imports modules of its own layer or below.
 LAYERS = {
-    "ground": ("nextstep_core", "nextstep_core.errors", "nextstep_core.limits", "nextstep_core.config", "nextstep_core.devices",
+    "ground": ("nextstep_core", "nextstep_core.errors", "nextstep_core.limits", "nextstep_core.variants", "nextstep_core.config", "nextstep_core.devices",
                "nextstep_core.atomic_write", "nextstep_core.progress_line",
                "nextstep_core.noise", "nextstep_core.kv_cache", "nextstep_core.images", "nextstep_core.outputs"),
     "weight formats": ("nextstep_core.weights", "nextstep_core.weights.reading", "nextstep_core.weights.int4",
