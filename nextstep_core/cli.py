@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 from .errors import NextStepError
 from .outputs import output_paths, save_png, save_tokens
@@ -167,28 +168,27 @@ def run_generation(args) -> int:
         cfg_schedule=pick(args.cfg_schedule, "cfg_schedule"), steps=pick(args.steps, "steps"),
         shift=pick(args.shift, "shift"), use_norm=pick(args.use_norm, "use_norm"), sampler=pick(args.sampler, "sampler"))
     execution = Execution(exact=args.exact, compile="inductor" if args.compile else None)
-    req = Request(prompts=args.prompt, positive=pick(args.positive, "positive"), negative=pick(args.negative, "negative"),
-                  width=args.width if args.width or not editing else None,
-                  height=args.height if args.height or not editing else None,
-                  images_per_prompt=args.num_images, seed=pick(args.seed, "seed"), sampling=settings,
-                  execution=execution)
-    if not editing:
-        req.width, req.height = pick(args.width, "width"), pick(args.height, "height")
+    kw = dict(prompts=args.prompt, positive=pick(args.positive, "positive"), negative=pick(args.negative, "negative"),
+              width=pick(args.width, "width"), height=pick(args.height, "height"),
+              images_per_prompt=args.num_images, seed=pick(args.seed, "seed"), sampling=settings, execution=execution)
     if args.command == "generate":
         from .reasoning import ReasoningSettings
         mode = "think" if args.reasoning is not None and args.self_cot == "off" else args.self_cot
-        req.reasoning = ReasoningSettings(mode=mode, max_tokens=args.think_tokens, temperature=args.temperature,
-                                          top_p=args.top_p, text=args.reasoning)
+        kw["reasoning"] = ReasoningSettings(mode=mode, max_tokens=args.think_tokens, temperature=args.temperature,
+                                            top_p=args.top_p, text=args.reasoning)
     elif editing:
-        req.edit_images = [open_image(p) for p in args.image]
+        kw.update(width=args.width or None, height=args.height or None, edit_images=[open_image(p) for p in args.image])
         if (args.width is None) != (args.height is None):
             raise NextStepError("Give both --width and --height, or neither (then the output has the input's size).")
         sized = args.width is not None
         if sized and args.fit_size is not None:
             raise NextStepError(f"--fit-size {args.fit_size} applies only without --width/--height (the input is "
                                 f"fitted to {args.width}x{args.height}); drop one of them.")
-        req.fit = args.fit or ("resize" if sized else "bucket")
-        req.fit_base = 512 if args.fit_size is None else args.fit_size
+        kw.update(fit=args.fit or ("resize" if sized else "bucket"),
+                  fit_base=512 if args.fit_size is None else args.fit_size)
+    # a storyboard's panels are checked by the storyboard (an empty list is its own message); every
+    # other request checks itself once, here, before any work
+    req = SimpleNamespace(**kw) if args.command == "storyboard" else Request(**kw)
     if args.gpu_layers is not None:
         _stream(args, backbone, req, settings, device, editing)
     sync = _device_sync(device)

@@ -41,9 +41,14 @@ class Request:
     reasoning: ReasoningSettings = field(default_factory=ReasoningSettings)
     execution: Execution = field(default_factory=Execution)  # how it computes (exact, CUDA graphs, compile)
 
+    def __post_init__(self):
+        self.check()
+
     def check(self) -> None:
         """Raises SettingsError naming the first value a run cannot use and its fix, against the
-        ranges of limits.py (the sampling settings checked themselves when they were made)."""
+        ranges of limits.py (the sampling settings checked themselves when they were made). Runs
+        once, when the request is made, so a bad value is refused before any work; a request is
+        not changed after that (make a new one, e.g. with dataclasses.replace, which checks again)."""
         prompts = list(self.prompts) if self.prompts else []
         if not prompts:
             raise SettingsError("No prompt given: write at least one prompt.")
@@ -107,8 +112,8 @@ class NextStepPipeline:
     @torch.inference_mode()
     def run(self, req: Request, callback: Optional[TokenCallback] = None, text_callback=None) -> Result:
         """`callback(done, total, tokens)` after every image token; `text_callback(done, limit)` after
-        every Self-CoT text token. Either may raise to cancel."""
-        req.check()
+        every Self-CoT text token. Either may raise to cancel. The request checked its settings
+        when it was made, so they are not checked again here."""
         s, exact = req.sampling, req.execution.exact
         bb, dev = self.backbone, self.device
         prompts, fitted = (self._edit_inputs(req) if req.edit_images else (list(req.prompts), None))

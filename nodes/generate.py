@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from . import remote, runner, settings
-from ..nextstep_core.errors import SettingsError
 from ..nextstep_core.pipeline import Request
 from ..nextstep_core.presets import PRESETS
 from ..nextstep_core.reasoning import ReasoningSettings
@@ -75,17 +74,13 @@ class NextStepTextToImage:
     # No VALIDATE_INPUTS: ComfyUI would attach its message to every input it takes (a bad width
     # reported against height too) and skip its own min/max checks for them. The declared ranges
     # are checked by ComfyUI on each input; what they cannot catch (a size off the 16-px grid,
-    # NaN) is refused below, before any work, naming the input and the value.
+    # NaN) the request refuses as it is made, before any work, naming the input and the value.
 
     def generate(self, backbone, flow_head, vae, prompt, positive_prompt, negative_prompt, width, height, cfg, steps,
                  timesteps_shift, use_norm, sampler, cfg_schedule, self_cot, seed, batch_size, reasoning=None,
                  unique_id=None):
-        for name, value in (("width", width), ("height", height)):
-            problem = settings.size_problem(name, value)
-            if problem:
-                raise SettingsError(problem)
-        request = Request(
-            prompts=[prompt], width=int(width), height=int(height), positive=positive_prompt,
+        request = Request(  # checks itself as it is made: nothing is loaded before its settings are known good
+            prompts=[prompt], width=width, height=height, positive=positive_prompt,
             negative=negative_prompt, images_per_prompt=int(batch_size), seed=int(seed),
             sampling=settings.sampling(backbone, cfg=cfg, cfg_img=1.0, cfg_schedule=cfg_schedule, steps=steps,
                                        timesteps_shift=timesteps_shift, use_norm=use_norm, sampler=sampler),
