@@ -170,6 +170,7 @@ def graphed_loop(loop, hidden, cache, cfg_mult: int, n_tokens: int):
     if mode == "off" or n_tokens < 2:
         return None
     if getattr(loop.bb, "streamer", None) is not None or getattr(loop.bb, "paged", False):
+        release(loop.bb)  # a capture over weights that now move can never replay: its memory goes now
         return None  # weights streamed, or paged by a host, between calls: nothing fixed to capture
     if not capturable(hidden.device):
         if mode == "on":

@@ -82,3 +82,16 @@ def test_a_move_to_the_same_device_keeps_the_capture_and_the_next_run_gives_the_
     pipe.head.to(torch.float64).to(torch.float32)  # a real move of the head: its kept capture goes
     assert "_kept_step" not in pipe.backbone.__dict__
     assert torch.equal(pipe.run(req).tokens, first) and len(captures) == 2
+
+
+def test_a_kept_capture_goes_once_a_host_pages_the_weights(tiny_model, monkeypatch):
+    """Core moves single layers when it loads a part in part (no `.to` on the whole part): the next
+    run, told the weights are paged, runs eagerly and frees the capture it can no longer replay."""
+    pipe = load_pipeline(tiny_model)
+    capture_on_cpu(monkeypatch)
+    req = Request(["a red cup"], 32, 32, seed=1, sampling=SamplingSettings(steps=2, cfg=3.0))
+    pipe.run(req)
+    assert "_kept_step" in pipe.backbone.__dict__
+    pipe.backbone.paged = True
+    pipe.run(req)
+    assert "_kept_step" not in pipe.backbone.__dict__ and "_kept_step" not in pipe.head.__dict__
