@@ -128,16 +128,16 @@ def weights_may_move(patcher) -> bool:
 
 
 def layer_runner(patcher):
-    """-> a `Backbone.layer_runner` that drives the decoder layers through core's prefetch queue (a
-    plain loop where core has none: CPU, no async streams, older ComfyUI)."""
+    """-> a `Backbone.layer_runner` that drives the decoder layers through core's prefetch queue, or
+    None (the plain loop) where core keeps no queue: without dynamic VRAM, or an older ComfyUI."""
     prefetch = bridge.comfy_prefetch()
-    if prefetch is None:
+    if prefetch is None or not patcher.is_dynamic():
         return None
     part = patcher.model.part
 
     def run(layers, body):
         device = part.run_device
-        queue = prefetch.make_prefetch_queue(list(layers), device, {"prefetch_dynamic_vbars": patcher.is_dynamic()})
+        queue = prefetch.make_prefetch_queue(list(layers), device, {"prefetch_dynamic_vbars": True})
         for i, layer in enumerate(layers):
             prefetch.prefetch_queue_pop(queue, device, layer, part.dtype, core=lambda: body(i, layer))
         if queue is not None:

@@ -101,7 +101,7 @@ def test_dynamic_vram_pages_layers_as_units_through_the_prefetch_queue(pack, hos
     whole = load_parts(pack)
     host.prefetched.clear()
     assert torch.equal(run_t2i(pack, whole, seed=3), paged)
-    assert not host.prefetched and not whole[0].module.paged
+    assert not host.prefetched and not whole[0].module.paged and whole[0].module.layer_runner is None
 
 
 def test_a_partial_load_casts_the_rest_per_call_and_gives_the_same_image(pack, host):
