@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nextstep_core.checkpoint import load_backbone, load_flow_head, load_vae  # noqa: E402
 from nextstep_core.engine import SamplingSettings  # noqa: E402
 from nextstep_core.pipeline import NextStepPipeline  # noqa: E402
-from nextstep_core.story import StoryContext, Storyboard  # noqa: E402
+from nextstep_core.story import StorySettings, Storyboard  # noqa: E402
 from nextstep_core.tiny import write_tiny  # noqa: E402
 
 
@@ -42,7 +43,7 @@ def main(argv=None):
         pipe = NextStepPipeline(bb, tok, load_flow_head(folder), load_vae(folder))
     board = Storyboard(pipe)
     s = SamplingSettings(cfg=7.5, steps=args.steps)
-    ctx = board.start(cfg=s.cfg, negative="blurry")
+    ctx = board.start(StorySettings(args.size, args.size, s, negative="blurry"))
     prompts = [f"panel {i}: the hero walks on" for i in range(args.panels)]
     print(f"hidden {args.hidden} x {args.layers} layers, {args.panels} panels of {args.size}x{args.size} "
           f"({(args.size // 16) ** 2} tokens each), {args.steps} steps, cfg 7.5, {args.threads} threads")
@@ -53,7 +54,7 @@ def main(argv=None):
         for i, prompt in enumerate(prompts):
             before = ctx.length
             t0 = time.perf_counter()
-            panel = board.add_panel(ctx, prompt, width=args.size, height=args.size, seed=i, sampling=s)
+            panel = board.add_panel(ctx, prompt, seed=i)
             reuse_total = time.perf_counter() - t0
             if ctx.cache is not None:
                 t0 = time.perf_counter()
@@ -62,9 +63,9 @@ def main(argv=None):
                 t0 = time.perf_counter()
                 fresh = board.recompute(ctx)
                 recompute_ctx = time.perf_counter() - t0
-                rebuilt = StoryContext(ctx.cfg_mult, ctx.negative, ctx.style, fresh, ctx.segments)
+                rebuilt = replace(ctx, cache=fresh)
                 t0 = time.perf_counter()
-                board.add_panel(rebuilt, prompt, width=args.size, height=args.size, seed=i, sampling=s)
+                board.add_panel(rebuilt, prompt, seed=i)
                 recompute_total = recompute_ctx + time.perf_counter() - t0
                 print(f"| {i + 1} | {before} | {reuse_ctx * 1000:.1f} | {recompute_ctx * 1000:.1f} | "
                       f"{recompute_ctx / reuse_ctx:.0f}x | {reuse_total:.2f} | {recompute_total:.2f} | "

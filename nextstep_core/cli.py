@@ -9,7 +9,6 @@ import argparse
 import os
 import sys
 import time
-from types import SimpleNamespace
 
 from .errors import NextStepError
 from .outputs import output_paths, save_png, save_tokens
@@ -145,10 +144,11 @@ def run_generation(args) -> int:
     from .images import open_image
     from .pipeline import NextStepPipeline, Request
 
+    from .variants import EDIT_VARIANT
     model = resolve_model(args.model)
     variant = model_variant(model)
-    if args.command == "edit" and "edit" not in variant:
-        variant = "nextstep1-large-edit"  # editing settings, whatever the folder is called
+    if args.command == "edit" and variant != EDIT_VARIANT:
+        variant = EDIT_VARIANT  # editing settings, whatever the folder is called
     card = preset(variant)
     pick = lambda value, key: card[key] if value is None else value
     device = resolve_device(args.device)
@@ -186,17 +186,24 @@ def run_generation(args) -> int:
                                 f"fitted to {args.width}x{args.height}); drop one of them.")
         kw.update(fit=args.fit or ("resize" if sized else "bucket"),
                   fit_base=512 if args.fit_size is None else args.fit_size)
-    # a storyboard's panels are checked by the storyboard (an empty list is its own message); every
-    # other request checks itself once, here, before any work
-    req = SimpleNamespace(**kw) if args.command == "storyboard" else Request(**kw)
+    if args.command == "storyboard":
+        from .story import StorySettings, Storyboard
+        # the story checks its settings once, here; each panel adds only its prompt and seed
+        req = StorySettings(kw["width"], kw["height"], settings, positive=kw["positive"], negative=kw["negative"],
+                            style=args.style, execution=execution)
+        prompts = [p for p in args.panel + args.prompt if p.strip()]
+        shape = Storyboard(pipe).shape(Storyboard.start(req), panels=max(1, len(prompts)))
+    else:
+        req = Request(**kw)  # checks itself once, here, before any work
+        shape = pipe.shape(req)
     if args.gpu_layers is not None:
-        _stream(args, backbone, req, settings, device, editing)
+        _stream(args, backbone, shape, req.execution, device)
     sync = _device_sync(device)
     progress = ProgressLine(sys.stderr, quiet=args.quiet, sync=sync)
     t1 = time.perf_counter()
     if args.command == "storyboard":
-        return _storyboard(args, pipe, req, settings, f"{variant} ({weights_note(backbone, model, args.quant)})", t1,
-                           sync)
+        return _storyboard(args, pipe, prompts, req, kw["seed"],
+                           f"{variant} ({weights_note(backbone, model, args.quant)})", t1, sync)
     result = pipe.run(req, progress)
     gen_s = time.perf_counter() - t1
     paths = output_paths(args.out, result.images.shape[0])
@@ -226,43 +233,30 @@ def _device_sync(device):
     return None
 
 
-def _stream(args, backbone, req, settings, device, editing) -> None:
+def _stream(args, backbone, shape, execution, device) -> None:
     """Keep as many decoder layers on the device as memory.plan says fit (or --gpu-layers N)."""
     from .devices import free_bytes
     from .memory import bytes_on, plan
     from .weights.streaming import stream_layers
-    from .limits import token_grid
-    from .prompts import cfg_mult_for
     from .weights.quant import format_of
     free = free_bytes(device)
     if free is not None:  # what the backbone already holds there is freed when it is placed
         free += bytes_on(backbone, device)
-    batch = (len(req.edit_images) if editing else max(1, len(req.prompts))) * req.images_per_prompt
-    width, height = req.width or 512, req.height or 512
-    rows, cols = token_grid(width, height)
-    context = 512 + rows * cols * (len(args.panel) + len(args.prompt) if args.command ==
-                                   "storyboard" else 1 if editing else 0)
-    reasons = args.command == "generate" and req.reasoning.mode != "off" and req.reasoning.text is None
-    if reasons:
-        context += args.think_tokens
     layers = None if args.gpu_layers == "auto" else args.gpu_layers
-    p = plan(backbone.cfg, format_of(backbone), backbone.dtype.itemsize, width=width, height=height, batch=batch,
-             cfg_rows=cfg_mult_for(settings.cfg, settings.cfg_img, editing), context_tokens=context,
-             free_bytes=free, gpu_layers=layers, lm_head=backbone.lm_head is not None or reasons,
-             graphs=device.type == "cuda" and req.execution.cuda_graphs != "off")
+    p = plan(backbone.cfg, format_of(backbone), backbone.dtype.itemsize, width=shape.width, height=shape.height,
+             batch=shape.batch, cfg_rows=shape.cfg_rows, context_tokens=shape.context, free_bytes=free,
+             gpu_layers=layers, lm_head=backbone.lm_head is not None or shape.writes_text,
+             graphs=device.type == "cuda" and execution.cuda_graphs != "off")
     stream_layers(backbone, p.resident, device, p)
     if not args.quiet:
         print(f"low-VRAM mode: {p.describe()}", file=sys.stderr)
 
 
-def _storyboard(args, pipe, req, settings, variant, t1, sync=None) -> int:
+def _storyboard(args, pipe, prompts, story, seed, variant, t1, sync=None) -> int:
     import torch
     from .story import Storyboard
-    prompts = args.panel + args.prompt
-    progress = ProgressLine(sys.stderr, quiet=args.quiet, passes=len([p for p in prompts if p.strip()]), sync=sync)
-    panels = Storyboard(pipe).run(prompts, width=req.width, height=req.height, seed=req.seed, sampling=settings,
-                                  negative=req.negative, positive=req.positive, style=args.style,
-                                  execution=req.execution,
+    progress = ProgressLine(sys.stderr, quiet=args.quiet, passes=len(prompts), sync=sync)
+    panels = Storyboard(pipe).run(prompts, story, seed=seed,
                                   callback=lambda _panel, done, total, tokens: progress(done, total, tokens))
     images = torch.cat([p.image for p in panels])
     paths = output_paths(args.out, images.shape[0])

@@ -7,7 +7,7 @@ import math
 import torch
 
 from .errors import InputImageError, SettingsError
-from .limits import PIXELS_PER_TOKEN as MULTIPLE, check_size, nearest_sizes
+from .limits import PIXELS_PER_TOKEN as MULTIPLE, nearest_sizes
 
 # Official training aspect buckets (h, w) in 16-px tokens at 256 px; scaled by size / 256.
 BUCKETS = [(8, 32), (9, 28), (10, 25), (11, 23), (12, 21), (13, 19), (14, 18), (15, 17), (16, 16), (17, 15),
@@ -77,9 +77,9 @@ def fit_to_size(img, mode: str, width: int, height: int):
     """Fit an RGB PIL image to an edit whose output size was given. resize: exactly width x height
     (what StepFun's edit example does: `image.resize(hw)`, PIL's default bicubic filter); bucket and
     center-crop: scale to cover width x height and centre-crop (the aspect kept); none: as it is
-    (its sides must be multiples of 16; it may differ from the output size)."""
+    (its sides must be multiples of 16; it may differ from the output size). The size is the
+    request's, checked when it was made."""
     from PIL import Image
-    check_size(width, height)
     if mode == "none":
         return fit_image(img, "none")
     if mode == "resize":

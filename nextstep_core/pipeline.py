@@ -16,10 +16,10 @@ from .devices import check_finite
 from .engine import Execution, SamplingSettings, TokenCallback, TokenLoop, noise_for
 from .errors import NextStepError, SettingsError
 from .flow_head import FlowHead
-from .limits import check_count, check_seed, check_size, token_grid
-from .images import fit_image, fit_to_size, to_model_pixels, to_output
+from .limits import check_count, check_seed, check_size, size_problem, token_grid
+from .images import FIT_MODES, fit_image, fit_to_size, to_model_pixels, to_output
 from .noise import make_generator
-from .prompts import PromptRows, build_rows, image_prefix, left_pad, row_texts
+from .prompts import PromptRows, build_rows, cfg_mult_for, image_prefix, left_pad, row_texts
 from .reasoning import ReasoningSettings, forced_suffix, generate_reasoning
 from .tokenizer import NextStepTokenizer
 from .vae import NextStepVAE, patchify, unpatchify
@@ -40,9 +40,13 @@ class Request:
     fit_base: int = 512
     reasoning: ReasoningSettings = field(default_factory=ReasoningSettings)
     execution: Execution = field(default_factory=Execution)  # how it computes (exact, CUDA graphs, compile)
+    # edits: (instructions, fitted images), paired one to one; made with the check, once
+    edit_inputs: Optional[tuple] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         self.check()
+        if self.edit_images:
+            self.edit_inputs = self._fit_edit_inputs()
 
     def check(self) -> None:
         """Raises SettingsError naming the first value a run cannot use and its fix, against the
@@ -56,11 +60,83 @@ class Request:
             raise SettingsError("Prompts must be text.")
         if self.edit_images is None or self.width is not None:  # else the fitted input gives the size
             check_size(self.width, self.height)
+        if self.edit_images:
+            if self.fit not in FIT_MODES:
+                raise SettingsError(f"fit={self.fit!r} is not a fit mode; choose one of {', '.join(FIT_MODES)}.")
+            if self.width is None and self.fit != "none":
+                problem = size_problem("size", self.fit_base)
+                if problem:
+                    raise SettingsError(problem)
+            if not all(hasattr(img, "size") and hasattr(img, "convert") for img in self.edit_images):
+                raise SettingsError("edit_images must be PIL images: open files with nextstep_core.images.open_image, "
+                                    "or pass a Load Image node's output to the Edit node.")
+            n_img = len(self.edit_images)
+            if n_img != len(prompts) and 1 not in (n_img, len(prompts)):
+                raise SettingsError(f"{len(prompts)} edit instructions but {n_img} input images: give one "
+                                    "instruction, one image, or as many of each.")
         check_count(self.images_per_prompt)
         check_seed(self.seed)
         self.reasoning.check()
         if self.reasoning.mode != "off" and self.edit_images:
             raise SettingsError("Self-CoT is for text-to-image; the Edit model was not trained to reason. Turn it off.")
+
+    def _fit_edit_inputs(self) -> tuple[list, list]:
+        """Every input image at the size the model reads it, with its instruction. With a size asked
+        for, the inputs are fitted to it (StepFun's example); without, the fit mode picks one near
+        fit_base and the output follows the input. One batch shares one size, as in the reference."""
+        imgs, prompts = list(self.edit_images), list(self.prompts)
+        if len(imgs) == 1:
+            imgs = imgs * len(prompts)
+        elif len(prompts) == 1:
+            prompts = prompts * len(imgs)
+        if self.width is not None:
+            fit = lambda img: fit_to_size(img, self.fit, self.width, self.height)  # noqa: E731
+        else:
+            fit = lambda img: fit_image(img, self.fit, self.fit_base)  # noqa: E731
+        fitted = [fit(imgs[0])]
+        for img in imgs[1:]:
+            f = fitted[0] if img is imgs[0] else fit(img)
+            if f.size != fitted[0].size:
+                from PIL import Image
+                f = f.resize(fitted[0].size, Image.LANCZOS)
+            fitted.append(f)
+        return prompts, fitted
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the images the run draws; for an edit without a size, its fitted input's."""
+        if self.width is None and self.edit_inputs:
+            return self.edit_inputs[1][0].size
+        return int(self.width), int(self.height)
+
+    @property
+    def batch(self) -> int:
+        """Images the run draws."""
+        return len(self.edit_inputs[0] if self.edit_inputs else self.prompts) * int(self.images_per_prompt)
+
+
+PROMPT_TOKENS = 512  # a generous prompt length: memory is planned before the prompt is tokenized
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """What one run holds at once, known before it starts: the memory plans (ComfyUI's manager, the
+    CLI's low-VRAM mode) and the previews read it, so none of them works it out on its own."""
+    width: int
+    height: int
+    grid: tuple        # (rows, columns) of image tokens
+    batch: int         # images drawn together
+    cfg_rows: int      # sequences per image: 1 (no guidance), 2 (text guidance) or 3 (text + image)
+    context: int       # positions before the image tokens, at most: prompt, edit image, reasoning, story so far
+    writes_text: bool = False  # Self-CoT writes its reasoning first, with the LM head
+
+    @property
+    def rows(self) -> int:
+        return self.batch * self.cfg_rows
+
+    @property
+    def tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
 
 
 @dataclass
@@ -85,29 +161,17 @@ class NextStepPipeline:
         """(rows, columns) of image tokens for a width x height image on these parts."""
         return token_grid(width, height, self.backbone.cfg.latent_patch_size * self.vae.cfg.down_factor)
 
-    def _edit_inputs(self, req: Request):
-        imgs = list(req.edit_images)
-        prompts = list(req.prompts)
-        if len(imgs) == 1 and len(prompts) > 1:
-            imgs = imgs * len(prompts)
-        elif len(prompts) == 1 and len(imgs) > 1:
-            prompts = prompts * len(imgs)
-        elif len(imgs) != len(prompts):
-            raise SettingsError(f"{len(prompts)} edit instructions but {len(imgs)} input images: give one "
-                                "instruction, one image, or as many of each.")
-        if req.width is not None:  # a size was asked for: the inputs are fitted to it (StepFun's example)
-            fit = lambda img: fit_to_size(img, req.fit, req.width, req.height)  # noqa: E731
-        else:  # no size: the fit mode picks one near fit_base, and the output follows the input
-            fit = lambda img: fit_image(img, req.fit, req.fit_base)  # noqa: E731
-        fitted = [fit(imgs[0])]
-        size = fitted[0].size
-        for img in imgs[1:]:
-            f = fit(img)
-            if f.size != size:
-                from PIL import Image
-                f = f.resize(size, Image.LANCZOS)  # one batch shares one size, as in the reference
-            fitted.append(f)
-        return prompts, fitted
+    def shape(self, req: Request) -> RunShape:
+        s, think = req.sampling, req.reasoning
+        width, height = req.size
+        grid = self.grid(width, height)
+        editing = req.edit_inputs is not None
+        writes_text = think.mode != "off" and think.text is None
+        context = PROMPT_TOKENS + (think.max_tokens if writes_text else 0)
+        if editing:
+            h, w = self.grid(*req.edit_inputs[1][0].size)
+            context += h * w
+        return RunShape(width, height, grid, req.batch, cfg_mult_for(s.cfg, s.cfg_img, editing), context, writes_text)
 
     @torch.inference_mode()
     def run(self, req: Request, callback: Optional[TokenCallback] = None, text_callback=None) -> Result:
@@ -116,10 +180,8 @@ class NextStepPipeline:
         when it was made, so they are not checked again here."""
         s, exact = req.sampling, req.execution.exact
         bb, dev = self.backbone, self.device
-        prompts, fitted = (self._edit_inputs(req) if req.edit_images else (list(req.prompts), None))
-        width, height = req.width, req.height
-        if fitted is not None and width is None:
-            width, height = fitted[0].size
+        prompts, fitted = req.edit_inputs or (list(req.prompts), None)
+        width, height = req.size
         grid = self.grid(width, height)
         edit_grid = self.grid(*fitted[0].size) if fitted else None
         think = req.reasoning

@@ -24,8 +24,38 @@ from .images import from_hwc_float
 from .limits import check_size
 from .kv_cache import StaticKVCache
 from .noise import make_generator
-from .pipeline import NextStepPipeline, Request
+from .pipeline import PROMPT_TOKENS, NextStepPipeline, Request, RunShape
 from .prompts import cfg_mult_for, image_prefix, left_pad
+
+MODES = ("story", "edit chain")
+
+
+@dataclass(frozen=True)
+class StorySettings:
+    """What every panel of one story shares. Checked once, when the story starts: a panel adds only
+    its prompt and seed."""
+    width: int
+    height: int
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    positive: str = ""
+    negative: str = ""
+    style: str = ""  # character and style text put before every panel's prompt
+    # story: every panel continues one sequence; edit chain: each panel an edit of the one before
+    # (the edit model), the first drawn from text
+    mode: str = "story"
+    execution: Execution = field(default_factory=Execution)
+
+    def __post_init__(self):
+        check_size(self.width, self.height)
+        if self.mode not in MODES:
+            raise SettingsError(f"mode={self.mode!r}; choose one of {', '.join(MODES)}.")
+        for name in ("positive", "negative", "style"):  # an unconnected optional text is no text
+            object.__setattr__(self, name, getattr(self, name) or "")
+
+    @property
+    def cfg_mult(self) -> int:
+        """The story's CFG rows (conditional, then negative): one layout for every panel."""
+        return cfg_mult_for(self.sampling.cfg, 1.0, editing=False)
 
 
 @dataclass
@@ -38,12 +68,18 @@ class Segment:
 
 @dataclass
 class StoryContext:
-    """Everything needed to continue a story: the cache holds the whole sequence so far, eoi included."""
-    cfg_mult: int
-    negative: str
-    style: str
+    """Everything needed to continue a story: its settings, and the sequence so far (story mode: the
+    cache holds it whole, eoi included) or the last panel (edit chain). Never changed: a panel
+    makes a new context."""
+    settings: StorySettings
     cache: Optional[StaticKVCache] = None
     segments: list = field(default_factory=list)
+    last_image: Optional[torch.Tensor] = None  # edit chain: [1, H, W, 3], the panel the next one edits
+    panels: int = 0
+
+    @property
+    def cfg_mult(self) -> int:
+        return self.settings.cfg_mult
 
     @property
     def length(self) -> int:
@@ -53,25 +89,12 @@ class StoryContext:
         """The same story with its cache in CPU RAM (the next panel copies it back)."""
         if self.cache is None or self.cache.valid.device.type == "cpu":
             return self
-        return StoryContext(self.cfg_mult, self.negative, self.style, self.cache.offloaded(), self.segments)
+        return replace(self, cache=self.cache.offloaded())
 
 
 def styled(style: str, prompt: str) -> str:
     """A panel's caption: the story's character and style text, then the panel's prompt."""
     return f"{style} {prompt}".strip() if style else prompt
-
-
-def edit_chain_request(ctx: StoryContext, prompt: str, *, seed: int, sampling: SamplingSettings, positive: str,
-                       width: int, height: int, previous=None) -> Request:
-    """The other story mode: each panel an edit of the one before (`previous`, a [1, H, W, 3]
-    image; the edit model), the first drawn from text without image guidance. The request runs
-    as any other, so its memory is planned the same way."""
-    text = styled(ctx.style, prompt)
-    if previous is None:
-        return Request([text], width, height, positive=positive, negative=ctx.negative, seed=int(seed),
-                       sampling=replace(sampling, cfg_img=1.0))
-    return Request([text], None, None, positive=positive, negative=ctx.negative, seed=int(seed), sampling=sampling,
-                   edit_images=[from_hwc_float(previous[0])], fit="none")
 
 
 @dataclass
@@ -86,44 +109,64 @@ class Storyboard:
         self.pipe = pipeline
 
     @staticmethod
-    def start(*, cfg: float, negative: str = "", style: str = "") -> StoryContext:
-        return StoryContext(cfg_mult=cfg_mult_for(cfg, 1.0, editing=False), negative=negative or "", style=style or "")
+    def start(settings: StorySettings) -> StoryContext:
+        return StoryContext(settings)
 
-    def _panel_ids(self, ctx: StoryContext, prompt: str, positive: str, grid) -> tuple[torch.Tensor, torch.Tensor]:
-        tok = self.pipe.tokenizer
-        text = styled(ctx.style, prompt)
-        if positive:
-            text = f"{text} {positive}"
-        texts = [text] + ([ctx.negative] if ctx.cfg_mult == 2 else [])
+    def shape(self, ctx: StoryContext, panels: int = 1) -> RunShape:
+        """What the next `panels` panels hold at most at once (memory plans): each continues the
+        story so far (story mode), or edits the one before (edit chain, from the second panel)."""
+        st = ctx.settings
+        grid = self.pipe.grid(st.width, st.height)
+        n = grid[0] * grid[1]
+        if st.mode == "edit chain":
+            editing = ctx.last_image is not None or panels > 1
+            return RunShape(st.width, st.height, grid, 1, cfg_mult_for(st.sampling.cfg, st.sampling.cfg_img, editing),
+                            PROMPT_TOKENS + (n if editing else 0))
+        return RunShape(st.width, st.height, grid, 1, ctx.cfg_mult,
+                        ctx.length + panels * PROMPT_TOKENS + (panels - 1) * n)
+
+    def _panel_ids(self, ctx: StoryContext, prompt: str, grid) -> tuple[torch.Tensor, torch.Tensor]:
+        tok, st = self.pipe.tokenizer, ctx.settings
+        text = styled(st.style, prompt)
+        if st.positive:
+            text = f"{text} {st.positive}"
+        texts = [text] + ([st.negative] if ctx.cfg_mult == 2 else [])
         lead = [tok.eoi_id] if ctx.segments else []  # close the previous image
         return left_pad(tok, [lead + tok.encode(t) for t in texts], image_prefix(tok, grid))
 
-    def needed_length(self, ctx: StoryContext, prompt: str, width: int, height: int, positive: str = "") -> int:
-        grid = self.grid(width, height)
-        ids, _ = self._panel_ids(ctx, prompt, positive, grid)
-        return ctx.length + ids.shape[1] + grid[0] * grid[1]
+    def add_panel(self, ctx: StoryContext, prompt: str, *, seed: int,
+                  callback: Optional[TokenCallback] = None) -> Panel:
+        """The next panel of the story, in its mode; `ctx` itself is left as it was."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise SettingsError(f"Panel {ctx.panels + 1} has an empty prompt: write what it shows.")
+        if ctx.settings.mode == "edit chain" and ctx.last_image is not None:
+            return self._edit_panel(ctx, prompt, seed, callback)
+        panel = self._story_panel(ctx, prompt, seed, callback)
+        if ctx.settings.mode == "edit chain":  # the first panel, drawn from text: only its image goes on
+            panel.context = replace(ctx, last_image=panel.image, panels=ctx.panels + 1)
+        return panel
 
-    def grid(self, width, height):
-        check_size(width, height)
-        return self.pipe.grid(width, height)
+    def _edit_panel(self, ctx: StoryContext, prompt: str, seed: int, callback) -> Panel:
+        """An edit of the previous panel, at its size (the request runs as any other edit)."""
+        st = ctx.settings
+        req = Request([styled(st.style, prompt)], None, None, positive=st.positive, negative=st.negative,
+                      seed=int(seed), sampling=st.sampling, edit_images=[from_hwc_float(ctx.last_image[0])],
+                      fit="none", execution=st.execution)
+        result = self.pipe.run(req, callback)
+        return Panel(result.images, result.tokens, replace(ctx, last_image=result.images, panels=ctx.panels + 1))
 
     @torch.inference_mode()
-    def add_panel(self, ctx: StoryContext, prompt: str, *, width: int, height: int, seed: int,
-                  sampling: SamplingSettings, positive: str = "", callback: Optional[TokenCallback] = None,
-                  execution: Execution = Execution()) -> Panel:
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise SettingsError(f"Panel {len(ctx.segments) + 1} has an empty prompt: write what it shows.")
-        if (sampling.cfg != 1.0) != (ctx.cfg_mult == 2):
-            raise SettingsError("A story keeps one CFG layout: use cfg 1 for all panels or cfg > 1 for all panels.")
+    def _story_panel(self, ctx: StoryContext, prompt: str, seed: int, callback) -> Panel:
+        st, execution = ctx.settings, ctx.settings.execution
         bb, dev = self.pipe.backbone, self.pipe.device
-        grid = self.grid(width, height)
-        ids, mask = self._panel_ids(ctx, prompt, positive, grid)
+        grid = self.pipe.grid(st.width, st.height)
+        ids, mask = self._panel_ids(ctx, prompt, grid)
         n = grid[0] * grid[1]
         need = ctx.length + ids.shape[1] + n
         limit = bb.cfg.max_position_embeddings
         if need > limit:
             raise SettingsError(
-                f"Panel {len(ctx.segments) + 1} would make the story {need} tokens long; the model's limit is "
+                f"Panel {ctx.panels + 1} would make the story {need} tokens long; the model's limit is "
                 f"{limit}. Start a new story or use smaller panels ({n} tokens each now).")
         # padded like the text-to-image cache where attention is (CUDA): the captured step attends it whole
         slots = bb.padded_cache_len(need, execution.exact) if backbone_module.pads_attention(dev) else need
@@ -133,34 +176,34 @@ class Storyboard:
             cache = ctx.cache.grown(slots, dev)
         kv = None if execution.exact else cache.length + ids.shape[1]
         hidden = bb.prefill(bb.embed(ids.to(dev)), mask.to(dev), cache, kv)[:, -1]
-        check_finite(hidden, bb.dtype, f"after reading panel {len(ctx.segments) + 1}'s prompt")
-        noise = noise_for(sampling, make_generator(seed), 1, 1, bb.cfg.token_dim, dev, n)
-        loop = TokenLoop(bb, self.pipe.head, sampling, execution)
+        check_finite(hidden, bb.dtype, f"after reading panel {ctx.panels + 1}'s prompt")
+        noise = noise_for(st.sampling, make_generator(seed), 1, 1, bb.cfg.token_dim, dev, n)
+        loop = TokenLoop(bb, self.pipe.head, st.sampling, execution)
         tokens = loop.run(hidden, cache, ctx.cfg_mult, n, noise, callback)
-        check_finite(tokens, bb.dtype, f"while drawing panel {len(ctx.segments) + 1}")
+        check_finite(tokens, bb.dtype, f"while drawing panel {ctx.panels + 1}")
         loop.feed_last(tokens, cache, ctx.cfg_mult)  # the step a single image skips: the story goes on
         seg = Segment(ids, mask, tokens[0].cpu(), grid)
-        new = StoryContext(ctx.cfg_mult, ctx.negative, ctx.style, cache, ctx.segments + [seg])
+        new = replace(ctx, cache=cache, segments=ctx.segments + [seg], panels=ctx.panels + 1)
         return Panel(self.pipe.decode(tokens, grid), tokens.cpu(), new)
 
-    def run(self, prompts: list, *, width: int, height: int, seed: int, sampling: SamplingSettings,
-            negative: str = "", positive: str = "", style: str = "", callback=None,
-            execution: Execution = Execution()) -> list[Panel]:
-        """All panels in one go; panel i uses seed + i (the chained panel nodes do the same)."""
-        prompts = [p for p in prompts if p.strip()]
+    def run(self, prompts: list, settings: StorySettings, *, seed: int, callback=None) -> list[Panel]:
+        """All panels in one go; panel i uses seed + i (the chained panel nodes do the same).
+        `callback(panel index, done, total, tokens)`."""
+        prompts = [p for p in prompts if isinstance(p, str) and p.strip()]
         if not prompts:
             raise SettingsError("The storyboard has no panels: write one panel prompt per line.")
-        ctx = self.start(cfg=sampling.cfg, negative=negative, style=style)
-        total = self.needed_length(ctx, prompts[0], width, height, positive)
-        per_panel = total + 1  # later panels also carry the eoi of the one before
-        if per_panel * len(prompts) > self.pipe.backbone.cfg.max_position_embeddings:
-            raise SettingsError(f"{len(prompts)} panels of {width}x{height} need about {per_panel * len(prompts)} "
-                                f"tokens; the model's limit is {self.pipe.backbone.cfg.max_position_embeddings}.")
+        ctx = self.start(settings)
+        if settings.mode == "story":
+            grid = self.pipe.grid(settings.width, settings.height)
+            per_panel = self._panel_ids(ctx, prompts[0], grid)[0].shape[1] + 1 + grid[0] * grid[1]
+            limit = self.pipe.backbone.cfg.max_position_embeddings
+            if per_panel * len(prompts) > limit:  # later panels also carry the eoi of the one before
+                raise SettingsError(f"{len(prompts)} panels of {settings.width}x{settings.height} need about "
+                                    f"{per_panel * len(prompts)} tokens; the model's limit is {limit}.")
         panels = []
         for i, prompt in enumerate(prompts):
             cb = None if callback is None else (lambda d, t, toks, i=i: callback(i, d, t, toks))
-            panel = self.add_panel(ctx, prompt, width=width, height=height, seed=seed + i, sampling=sampling,
-                                   positive=positive, callback=cb, execution=execution)
+            panel = self.add_panel(ctx, prompt, seed=seed + i, callback=cb)
             panels.append(panel)
             ctx = panel.context
         return panels

@@ -47,6 +47,7 @@ TABLE = (
 BY_NAME = {v.name: v for v in TABLE}
 NAMES = tuple(BY_NAME)
 FALLBACK = "nextstep1-large"  # a folder whose variant is not known is taken for NextStep-1-Large
+EDIT_VARIANT = next(v.name for v in TABLE if v.edit)  # the edit model: its card's settings are the edit defaults
 
 
 def named_by(folder_name: str) -> str | None:

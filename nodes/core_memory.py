@@ -87,14 +87,13 @@ def manage(part: torch.nn.Module, load_device: torch.device, offload_device: tor
     return cls(_holder_class(part)(part, offload_device), load_device=load_device, offload_device=offload_device)
 
 
-def run_memory(backbone, vae, rows: int, batch: int, tokens: int, context: int) -> int:
-    """Device memory a run takes beside the weights (KV cache, activations, a margin): what core must
-    keep free when it loads the parts. From memory.plan, the model the CLI and the README use too."""
-    side = max(1, round(tokens ** 0.5))  # only the count of positions and pixels matters: a square of it
-    patch = backbone.cfg.latent_patch_size * vae.cfg.down_factor
-    p = plan(backbone.cfg, None, backbone.dtype.itemsize, width=side * patch, height=max(1, tokens // side) * patch,
-             batch=batch, cfg_rows=max(1, rows // batch), context_tokens=context, vae_channels=vae.cfg.ch,
-             patch=patch)
+def run_memory(backbone, vae, shape) -> int:
+    """Device memory a run of this shape (pipeline.RunShape) takes beside the weights (KV cache,
+    activations, a margin): what core must keep free when it loads the parts. From memory.plan,
+    the model the CLI and the README use too."""
+    p = plan(backbone.cfg, None, backbone.dtype.itemsize, width=shape.width, height=shape.height,
+             batch=shape.batch, cfg_rows=shape.cfg_rows, context_tokens=shape.context, vae_channels=vae.cfg.ch,
+             patch=backbone.cfg.latent_patch_size * vae.cfg.down_factor)
     return p.kv_bytes + p.activation_bytes + SLACK
 
 

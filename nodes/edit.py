@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from . import runner, settings
-from ..nextstep_core.errors import InputImageError, SettingsError
-from ..nextstep_core.images import FIT_MODES, fit_image, from_hwc_float
+from ..nextstep_core.errors import InputImageError
+from ..nextstep_core.images import FIT_MODES, from_hwc_float
 from ..nextstep_core.limits import CFG_IMG
 from ..nextstep_core.pipeline import Request
 from ..nextstep_core.presets import PRESETS
@@ -11,13 +11,12 @@ from ..nextstep_core.presets import PRESETS
 CARD = PRESETS["nextstep1-large-edit"]  # the NextStep-1-Large-Edit example's settings
 
 
-def fitted_images(image, fit: str, size: int) -> list:
-    """IMAGE batch [B, H, W, C] -> RGB PIL images at a size the model accepts. Fitted here, once,
-    so the node knows the output size (for the progress preview) before sampling starts."""
+def input_images(image) -> list:
+    """IMAGE batch [B, H, W, C] -> RGB PIL images; the request fits them to a size the model takes."""
     if not hasattr(image, "shape") or image.ndim != 4 or image.shape[0] == 0:
         raise InputImageError(f"The image input must be an IMAGE batch [B, H, W, C]; got "
                               f"{tuple(getattr(image, 'shape', ()))}. Connect a Load Image node.")
-    return [fit_image(from_hwc_float(image[i]), fit, int(size)) for i in range(image.shape[0])]
+    return [from_hwc_float(image[i]) for i in range(image.shape[0])]
 
 
 class NextStepEdit:
@@ -63,22 +62,18 @@ class NextStepEdit:
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, size):
-        return settings.size_problem("size", size) or True
+    # No VALIDATE_INPUTS (see the text-to-image node): ComfyUI checks the declared range, and the
+    # request refuses a size off the 16-px grid as it is made, before any work.
 
     def edit(self, backbone, flow_head, vae, image, instruction, positive_prompt, negative_prompt, fit, size, cfg,
              cfg_img, steps, timesteps_shift, use_norm, sampler, cfg_schedule, seed, unique_id=None):
-        problem = settings.size_problem("size", size)
-        if problem:
-            raise SettingsError(problem)
-        images = fitted_images(image, fit, size)
-        width, height = images[0].size
-        request = Request(
+        images = input_images(image)
+        request = Request(  # checks itself and fits the inputs as it is made: their size is the output's
             prompts=[instruction], width=None, height=None, positive=positive_prompt, negative=negative_prompt,
-            seed=int(seed), edit_images=images, fit="none", fit_base=int(size),
+            seed=int(seed), edit_images=images, fit=fit, fit_base=size,
             sampling=settings.sampling(backbone, cfg=cfg, cfg_img=cfg_img, cfg_schedule=cfg_schedule, steps=steps,
                                        timesteps_shift=timesteps_shift, use_norm=use_norm, sampler=sampler))
-        result = runner.run(backbone, flow_head, vae, request, width=width, height=height, node_id=unique_id)
+        result = runner.run(backbone, flow_head, vae, request, node_id=unique_id)
+        width, height = request.size
         # the editor's cost line shows what was drawn: the size the input was fitted to
         return {"ui": {"fitted": [width, height, len(images)]}, "result": (result.images,)}

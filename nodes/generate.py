@@ -88,7 +88,6 @@ class NextStepTextToImage:
         if remote.is_remote(backbone, flow_head, vae):  # a NextStep Server: vLLM-Omni draws it
             return {"ui": {"reasoning": [""]}, "result": (remote.text_to_image(backbone, flow_head, vae, request,
                                                                                  unique_id), "")}
-        result = runner.run(backbone, flow_head, vae, request, width=int(width), height=int(height),
-                            node_id=unique_id)
+        result = runner.run(backbone, flow_head, vae, request, node_id=unique_id)
         text = reasoning_text(result.reasoning)
         return {"ui": {"reasoning": [text]}, "result": (result.images, text)}

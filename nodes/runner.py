@@ -8,10 +8,7 @@ from .remote import LOCAL_ONLY, is_remote
 from .sockets import BACKBONE, FLOW_HEAD, VAE, LoadedPart, label
 from ..nextstep_core.checkpoint import attach_lm_head
 from ..nextstep_core.errors import SettingsError
-from ..nextstep_core.pipeline import NextStepPipeline, Request, Result
-from ..nextstep_core.prompts import cfg_mult_for
-
-PROMPT_TOKENS = 512  # a generous prompt length for the memory estimate
+from ..nextstep_core.pipeline import NextStepPipeline, Request, Result, RunShape
 
 
 def pipeline_for(backbone, flow_head, vae) -> NextStepPipeline:
@@ -34,33 +31,20 @@ def pipeline_for(backbone, flow_head, vae) -> NextStepPipeline:
     return NextStepPipeline(backbone.module, backbone.tokenizer, flow_head.module, vae.module)
 
 
-def run(backbone: LoadedPart, flow_head: LoadedPart, vae: LoadedPart, request: Request, *, width: int,
-        height: int, node_id=None) -> Result:
-    """`width`/`height`: the output size, known before the run (edits: the fitted input size,
-    which is also the size of the image tokens in the prompt)."""
+def run(backbone: LoadedPart, flow_head: LoadedPart, vae: LoadedPart, request: Request, node_id=None) -> Result:
     pipeline = pipeline_for(backbone, flow_head, vae)
+    shape = pipeline.shape(request)
     bb = backbone.module
-    grid = pipeline.grid(width, height)
-    s = request.sampling
-    batch = len(request.edit_images or request.prompts) * request.images_per_prompt
-    editing = request.edit_images is not None
-    rows = batch * cfg_mult_for(s.cfg, s.cfg_img, editing)
-    tokens = grid[0] * grid[1]
-    think = request.reasoning
-    writes_text = think.mode != "off" and think.text is None
-    if writes_text and bb.lm_head is None:
+    if shape.writes_text and bb.lm_head is None:
         attach_lm_head(bb)  # read now (in RAM, built from core's layers), so core pages it with the rest
         core_memory.refresh_size(backbone.patcher)
-    extra = (tokens if editing else 0) + (think.max_tokens if writes_text else 0)
-    load_parts(backbone, flow_head, vae, rows, batch, tokens, PROMPT_TOKENS + extra, node_id)
-    return pipeline.run(request, callback=TokenProgress(vae.module, bb, grid, node_id))
+    load_parts(backbone, flow_head, vae, shape, node_id)
+    return pipeline.run(request, callback=TokenProgress(vae.module, bb, shape.grid, node_id))
 
 
-def load_parts(backbone: LoadedPart, flow_head: LoadedPart, vae: LoadedPart, rows: int, batch: int, tokens: int,
-               context: int, node_id=None) -> None:
-    """Asks ComfyUI for the three parts for one run: `rows` CFG rows of `batch` images, `tokens` image
-    tokens each after `context` positions (prompt, edit image, reasoning, story so far)."""
-    need = core_memory.run_memory(backbone.module, vae.module, rows, batch, tokens, context)
+def load_parts(backbone: LoadedPart, flow_head: LoadedPart, vae: LoadedPart, shape: RunShape, node_id=None) -> None:
+    """Asks ComfyUI for the three parts for one run of this shape (the engine's, see RunShape)."""
+    need = core_memory.run_memory(backbone.module, vae.module, shape)
     core_memory.load_for_run([backbone.patcher, flow_head.patcher, vae.patcher], need, backbone.patcher)
     if backbone.patcher is not None:
         bridge.show(core_memory.describe(backbone.patcher, len(backbone.module.layers)), node_id)

@@ -10,35 +10,38 @@ Between nodes a story's KV cache waits in CPU RAM, so cached stories do not hold
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional
 
 import torch
 
 from . import runner, settings
 from .progress import TokenProgress
-from ..nextstep_core.engine import SamplingSettings
 from ..nextstep_core.errors import SettingsError
 from ..nextstep_core.presets import PRESETS
-from ..nextstep_core.story import StoryContext, Storyboard, edit_chain_request
+from ..nextstep_core.story import MODES, StoryContext, Storyboard, StorySettings
+from ..nextstep_core.variants import EDIT_VARIANT, FALLBACK
 
 STORY = "NEXTSTEP_STORY"
-MODES = ["story", "edit chain"]
-CARD = PRESETS["nextstep1-large"]
-EDIT_CFG_IMG = PRESETS["nextstep1-large-edit"]["cfg_img"]
+CARD = PRESETS[FALLBACK]  # NextStep-1-Large's model card
+EDIT_CFG_IMG = PRESETS[EDIT_VARIANT]["cfg_img"]
 
 
 @dataclass(eq=False)
 class StoryState:
-    """What travels through a NEXTSTEP_STORY socket."""
+    """What travels through a NEXTSTEP_STORY socket: the parts that draw it, and the engine's story."""
     parts: tuple                 # (backbone, flow_head, vae) LoadedParts
-    sampling: SamplingSettings
-    width: int
-    height: int
-    positive: str
-    mode: str
-    context: StoryContext        # mode "story": the sequence so far
-    last_image: Optional[torch.Tensor] = None  # mode "edit chain": the panel the next one edits
-    panels: int = 0
+    context: StoryContext        # the settings every panel shares, and the story so far
+
+    @property
+    def mode(self) -> str:
+        return self.context.settings.mode
+
+    @property
+    def panels(self) -> int:
+        return self.context.panels
+
+    @property
+    def last_image(self):
+        return self.context.last_image
 
     def __repr__(self) -> str:
         return f"<NextStep story, {self.panels} panel(s), {self.context.length} tokens, mode {self.mode!r}>"
@@ -59,7 +62,7 @@ def story_inputs() -> dict:
         "height": settings.size_input(CARD["height"], "Panel height in pixels, a multiple of 16."),
         "cfg": settings.cfg_input(CARD["cfg"], "Guidance scale for every panel (1 = off)."),
         **settings.sampling_inputs(CARD["steps"], CARD["shift"], CARD["use_norm"]),
-        "mode": (MODES, {"default": "story", "tooltip": (
+        "mode": (list(MODES), {"default": "story", "tooltip": (
             "story: every panel continues one sequence, seeing all earlier panels' text and image tokens (fast: "
             "nothing is recomputed). edit chain: each panel is an edit of the one before (load "
             "NextStep-1-Large-Edit; image guidance 2.0).")}),
@@ -68,41 +71,23 @@ def story_inputs() -> dict:
 
 def start_story(backbone, flow_head, vae, style, positive_prompt, negative_prompt, width, height, cfg, steps,
                 timesteps_shift, use_norm, sampler, cfg_schedule, mode) -> StoryState:
-    """Checks first what ComfyUI's per-input range checks cannot (sizes off the 16-px grid, NaN;
-    see the text-to-image node on why there is no VALIDATE_INPUTS), then the story's settings."""
-    for name, value in (("width", width), ("height", height)):
-        problem = settings.size_problem(name, value)
-        if problem:
-            raise SettingsError(problem)
-    if mode not in MODES:
-        raise SettingsError(f"mode={mode!r}; choose one of {', '.join(MODES)}.")
+    """The story's settings check themselves once, here (see the text-to-image node on why there is
+    no VALIDATE_INPUTS); a panel adds only its prompt and seed."""
     cfg_img = EDIT_CFG_IMG if mode == "edit chain" else 1.0
     s = settings.sampling(backbone, cfg=cfg, cfg_img=cfg_img, cfg_schedule=cfg_schedule, steps=steps,
                           timesteps_shift=timesteps_shift, use_norm=use_norm, sampler=sampler)
-    ctx = Storyboard.start(cfg=s.cfg, negative=negative_prompt, style=style)
-    return StoryState((backbone, flow_head, vae), s, int(width), int(height), positive_prompt or "", mode, ctx)
+    story = StorySettings(width, height, s, positive=positive_prompt, negative=negative_prompt, style=style, mode=mode)
+    return StoryState((backbone, flow_head, vae), Storyboard.start(story))
 
 
 def add_panel(state: StoryState, prompt: str, seed: int, node_id=None) -> tuple[torch.Tensor, StoryState]:
     backbone, flow_head, vae = state.parts
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise SettingsError(f"Panel {state.panels + 1} has an empty prompt: write what it shows.")
-    if state.mode == "edit chain":
-        req = edit_chain_request(state.context, prompt, seed=int(seed), sampling=state.sampling,
-                                 positive=state.positive, width=state.width, height=state.height,
-                                 previous=state.last_image)
-        image = runner.run(backbone, flow_head, vae, req, width=state.width, height=state.height,
-                           node_id=node_id).images
-        return image, replace(state, last_image=image, panels=state.panels + 1)
     board = Storyboard(runner.pipeline_for(backbone, flow_head, vae))
-    grid = board.grid(state.width, state.height)
-    tokens = grid[0] * grid[1]
-    runner.load_parts(backbone, flow_head, vae, state.context.cfg_mult, 1, tokens,
-                      runner.PROMPT_TOKENS + state.context.length, node_id)
-    panel = board.add_panel(state.context, prompt, width=state.width, height=state.height, seed=int(seed),
-                            sampling=state.sampling, positive=state.positive,
-                            callback=TokenProgress(vae.module, backbone.module, grid, node_id))
-    return panel.image, replace(state, context=panel.context.offloaded(), panels=state.panels + 1)
+    shape = board.shape(state.context)
+    runner.load_parts(backbone, flow_head, vae, shape, node_id)
+    panel = board.add_panel(state.context, prompt, seed=int(seed),
+                            callback=TokenProgress(vae.module, backbone.module, shape.grid, node_id))
+    return panel.image, replace(state, context=panel.context.offloaded())
 
 
 class NextStepStoryboard:

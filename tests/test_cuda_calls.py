@@ -167,13 +167,13 @@ def test_attended_lengths_are_multiples_of_16_where_padding_applies(tiny_pipelin
     slots masked: the same tokens up to rounding); the parity path attends exactly as before."""
     from nextstep_core import backbone
     from nextstep_core.reasoning import ReasoningSettings
-    from nextstep_core.story import Storyboard
+    from nextstep_core.story import StorySettings, Storyboard
     fast = SamplingSettings(steps=2, cfg=3.0)
     t2i = Request(["a red cup"], 48, 32, seed=4, sampling=fast)
     cot = Request(["a red cup"], 32, 32, seed=4, sampling=fast, reasoning=ReasoningSettings(mode="think", max_tokens=3))
     exact = Request(["a red cup"], 48, 32, seed=4, sampling=fast, execution=Execution(exact=True))
     board = Storyboard(tiny_pipeline)
-    story = lambda: board.run(["one", "two"], width=32, height=32, seed=1, sampling=fast)  # noqa: E731
+    story = lambda: board.run(["one", "two"], StorySettings(32, 32, fast), seed=1)  # noqa: E731
     before = [tiny_pipeline.run(r).tokens for r in (t2i, cot, exact)] + [p.tokens for p in story()]
     rec = _Recording()
     monkeypatch.setattr(backbone, "F", rec)

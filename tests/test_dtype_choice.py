@@ -9,7 +9,7 @@ from nextstep_core.devices import resolve_dtype
 from nextstep_core.engine import Execution, SamplingSettings
 from nextstep_core.errors import DeviceError
 from nextstep_core.pipeline import Request
-from nextstep_core.story import Storyboard
+from nextstep_core.story import StorySettings, Storyboard
 
 
 class TwoGpus:
@@ -70,7 +70,7 @@ def test_a_float16_overflow_is_an_error_that_says_what_to_choose(tiny_model):
         with pytest.raises(DeviceError, match=r"overflowed float16 \(after reading the prompt\).*bfloat16.*float32"):
             pipe.run(req)
     with pytest.raises(DeviceError, match="overflowed float16"):
-        Storyboard(pipe).run(["one"], width=32, height=32, seed=1, sampling=SamplingSettings(steps=2, cfg=3.0))
+        Storyboard(pipe).run(["one"], StorySettings(32, 32, SamplingSettings(steps=2, cfg=3.0)), seed=1)
 
 
 def test_values_that_go_bad_while_drawing_are_caught_at_the_end(tiny_pipeline, monkeypatch):

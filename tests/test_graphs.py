@@ -6,7 +6,7 @@ import torch
 from nextstep_core import graphs
 from nextstep_core.engine import Execution, SamplingSettings
 from nextstep_core.pipeline import Request
-from nextstep_core.story import Storyboard
+from nextstep_core.story import StorySettings, Storyboard
 from parity_support import assert_tokens_close
 
 EXACT = Execution(exact=True)
@@ -33,9 +33,9 @@ def test_static_step_equals_the_plain_exact_loop(tiny_pipeline, monkeypatch, sam
 def test_static_step_leaves_the_cache_ready_to_continue_a_story(tiny_pipeline, monkeypatch):
     s = SamplingSettings(steps=2, cfg=2.0)
     board = Storyboard(tiny_pipeline)
-    plain = board.run(["one", "two"], width=32, height=32, seed=1, sampling=s, execution=EXACT)
+    plain = board.run(["one", "two"], StorySettings(32, 32, s, execution=EXACT), seed=1)
     eager_static(monkeypatch)
-    static = board.run(["one", "two"], width=32, height=32, seed=1, sampling=s, execution=EXACT)
+    static = board.run(["one", "two"], StorySettings(32, 32, s, execution=EXACT), seed=1)
     assert_tokens_close(static[1].tokens, plain[1].tokens)
     assert static[1].context.length == plain[1].context.length
 
@@ -99,10 +99,10 @@ def test_a_capture_is_kept_for_the_next_image_with_the_same_shapes(tiny_pipeline
 def test_a_kept_capture_hands_its_slots_back_to_a_story(tiny_pipeline, monkeypatch):
     s = SamplingSettings(steps=2, cfg=2.0)
     board = Storyboard(tiny_pipeline)
-    plain = board.run(["one", "two", "three"], width=32, height=32, seed=1, sampling=s, execution=EXACT)
+    plain = board.run(["one", "two", "three"], StorySettings(32, 32, s, execution=EXACT), seed=1)
     kept_captures(monkeypatch)
     try:
-        kept = board.run(["one", "two", "three"], width=32, height=32, seed=1, sampling=s, execution=EXACT)
+        kept = board.run(["one", "two", "three"], StorySettings(32, 32, s, execution=EXACT), seed=1)
     finally:
         graphs.release(tiny_pipeline.backbone)
     for a, b in zip(kept, plain):

@@ -5,7 +5,8 @@ from PIL import Image
 
 from nextstep_core.engine import SamplingSettings
 from nextstep_core.errors import InputImageError, SettingsError
-from nextstep_core.images import bucket_sizes, check_size, fit_image, nearest_bucket, open_image
+from nextstep_core.images import bucket_sizes, fit_image, nearest_bucket, open_image
+from nextstep_core.limits import check_size
 from nextstep_core.pipeline import Request
 
 QUICK = SamplingSettings(steps=2)
@@ -120,3 +121,24 @@ def test_edit_inputs_follow_the_output_size_when_one_is_given(tiny_edit_model, f
     result = pipe.run(req)
     assert tuple(result.images.shape[1:3]) == want_out
     assert _input_tokens(result, tok) == want_in
+
+
+def test_an_edit_request_checks_and_fits_its_inputs_once_when_made():
+    """Every edit setting is refused as the request is made, before any work, and the fitted size is
+    known then (the nodes read it for their preview instead of fitting the images themselves)."""
+    from PIL import Image
+    img = Image.new("RGB", (333, 517))
+    req = Request(["x"], None, None, edit_images=[img], fit="bucket", fit_base=256)
+    assert req.size == req.edit_inputs[1][0].size and req.size[0] % 16 == 0 and req.size[1] % 16 == 0
+    assert Request(["x"], 64, 32, edit_images=[img], fit="resize").size == (64, 32)
+    assert Request(["a", "b"], None, None, edit_images=[img], fit_base=256).batch == 2
+    bad = [(dict(fit_base=500), r"^size=500 is not a multiple of 16 .*use 496 or 512"),
+           (dict(fit="stretch"), r"^fit='stretch' is not a fit mode; choose one of bucket"),
+           (dict(fit="none"), r"^The input image is 333x517; with fit 'none'"),
+           (dict(edit_images=[img, img], prompts=["a", "b", "c"]), "3 edit instructions but 2 input images"),
+           (dict(edit_images=["cat.png"]), "edit_images must be PIL images")]
+    for over, message in bad:
+        with pytest.raises(SettingsError, match=message):
+            Request(**{**dict(prompts=["x"], width=None, height=None, edit_images=[img]), **over})
+    # fit none takes no base size, so none is checked
+    assert Request(["x"], None, None, edit_images=[Image.new("RGB", (48, 32))], fit="none", fit_base=500).size == (48, 32)

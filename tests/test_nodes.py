@@ -213,8 +213,6 @@ def test_validate_inputs_messages(pack, host):
     assert "huggingface-cli download stepfun-ai/NextStep-1.1 --local-dir models/nextstep/NextStep-1.1" in msg
     msg = m["NextStepVAELoader"].VALIDATE_INPUTS(vae_name="NextStep-1-Large-Pretrain/vae")
     assert "NextStep-1-Large-Pretrain/vae" in msg and "stepfun-ai/NextStep-1-Large-Pretrain" in msg
-    assert m["NextStepEdit"].VALIDATE_INPUTS(size=512) is True
-    assert "size=8" in m["NextStepEdit"].VALIDATE_INPUTS(size=8)
 
 
 def test_loading_a_missing_model_raises_the_same_message(pack, host):

@@ -79,8 +79,10 @@ def test_the_request_says_what_the_run_needs(pack, host):
     patchers, need, _full = host.load_calls[-1]
     assert patchers == [p.patcher for p in parts]
     bb, vae = parts[0].module, parts[2].module
-    kv_only = bb.cache_bytes(2, pack.nodes.runner.PROMPT_TOKENS + 4)
-    assert need == pack.nodes.core_memory.run_memory(bb, vae, 2, 1, 4, pack.nodes.runner.PROMPT_TOKENS) > kv_only
+    engine = pack.nextstep_core.pipeline
+    kv_only = bb.cache_bytes(2, engine.PROMPT_TOKENS + 4)
+    shape = engine.RunShape(32, 32, (2, 2), batch=1, cfg_rows=2, context=engine.PROMPT_TOKENS)
+    assert need == pack.nodes.core_memory.run_memory(bb, vae, shape) > kv_only
     run_t2i(pack, parts, batch_size=3)
     assert host.load_calls[-1][1] > need  # three images' rows
 

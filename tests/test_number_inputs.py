@@ -92,11 +92,22 @@ def test_a_bad_width_is_reported_on_width_only(pack, host, name):
         assert other not in str(info.value)
 
 
-def test_edit_size_is_reported_on_size_only(pack):
+def test_edit_size_is_checked_once_and_reported_on_size_only(pack, host):
+    """Out of range: ComfyUI's own check, on `size`. Off the 16-px grid: the request, as it is made,
+    naming `size`, before anything is loaded or fitted (the node has no check of its own)."""
     cls = pack.NODE_CLASS_MAPPINGS["NextStepEdit"]
     defaults = {k: v for k, v in widget_defaults(cls).items() if v is not None}
-    errors = validate_widgets(cls, {**defaults, "size": 1000})
-    assert [e[0] for e in errors] == ["size"] and "size=1000 is not a multiple of 16" in errors[0][1]
+    assert validate_widgets(cls, {**defaults, "size": 8}) == [("size", "Value 8 smaller than min of 16")]
+    assert validate_widgets(cls, {**defaults, "size": 1000}) == []
+    parts = load_parts(pack, "NextStep-1-Large-Edit")
+    loads = len(host.load_calls)
+    with pytest.raises(pack.nextstep_core.errors.SettingsError, match=r"^size=1000 is not a multiple of 16.*"
+                       r"use 992 or 1008"):
+        call(cls, **node_args(pack, "NextStepEdit", parts, size=1000))
+    assert len(host.load_calls) == loads
+    # fit none ignores size: the input's own sides are what must fit
+    with pytest.raises(pack.nextstep_core.errors.SettingsError, match="The input image is 30x32"):
+        call(cls, **node_args(pack, "NextStepEdit", parts, size=1000, fit="none", image=torch.rand(1, 32, 30, 3)))
     assert validate_widgets(cls, {**defaults, "size": 512, "cfg_img": float("inf")}) == [
         ("cfg_img", "Value inf bigger than max of 30.0")]
 

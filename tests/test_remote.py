@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from PIL import Image
 import torch
 
 from vllm_stand_in import NEXTSTEP, StandIn, picture, stand_ins
@@ -157,7 +158,7 @@ def test_requests_run_in_parallel_across_servers():
     (dict(sampling={"sampler": "nextstep1"}), "sampler='nextstep1' runs locally only"),
     (dict(reasoning=ReasoningSettings(mode="think")), "Self-CoT runs locally only"),
     (dict(seed=2 ** 63 - 1, images_per_prompt=2), "seeds up to 2^63-1"),
-    (dict(edit_images=[object()]), "edits run locally"),
+    (dict(edit_images=[Image.new("RGB", (32, 32))]), "edits run locally"),
 ])
 def test_bad_settings_are_refused_before_anything_is_sent(over, message):
     with stand_ins(1) as (server,):

@@ -9,7 +9,6 @@ import io
 import torch
 
 from ..errors import SettingsError
-from ..limits import check_count, check_size
 from .servers import ServerError
 
 SERVER_MAX_SEED = 2 ** 63 - 1  # the server's seed is an int64
@@ -31,7 +30,7 @@ def check_request(req) -> int:
     if req.reasoning.mode != "off":
         raise SettingsError("Self-CoT runs locally only (vLLM-Omni has no reasoning step for NextStep): turn it off, "
                             "or draw locally.")
-    check_size(req.width, req.height)
+    # sizes and counts are the engine's rules, which the request checked when it was made
     s = req.sampling
     if not 1.0 <= s.cfg <= MAX_CFG:
         raise SettingsError(f"cfg={s.cfg}: vLLM-Omni takes cfg from 1 (guidance off) to {MAX_CFG:g}; the model card "
@@ -45,7 +44,6 @@ def check_request(req) -> int:
     if req.execution.exact or req.execution.compile:
         raise SettingsError("exact and compile are settings of a local run; a server uses its own kernels.")
     count = len(prompts) * int(req.images_per_prompt)
-    check_count(req.images_per_prompt)
     if not 0 <= int(req.seed) <= SERVER_MAX_SEED - (count - 1):
         raise SettingsError(f"seed={req.seed}: image i is drawn with seed + i, and vLLM-Omni takes seeds up to "
                             f"2^63-1; use a seed from 0 to {SERVER_MAX_SEED - (count - 1)}.")
