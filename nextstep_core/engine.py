@@ -18,7 +18,7 @@ from .flow_head import FlowHead
 from .kv_cache import StaticKVCache
 from .limits import CFG, CFG_IMG, SHIFT, STEPS
 from .noise import TokenNoise
-from .samplers import cfg_values, cfg_weights, combine_cfg, draws_per_token, get_sampler
+from .samplers import cfg_values, cfg_weights, check_schedule, combine_cfg, draws_per_token, get_sampler
 
 TokenCallback = Callable[[int, int, torch.Tensor], None]
 
@@ -39,6 +39,7 @@ class SamplingSettings:
         the value and the fix. The sampler adds its own floor on steps."""
         for rule, value in ((CFG, self.cfg), (CFG_IMG, self.cfg_img), (SHIFT, self.shift), (STEPS, self.steps)):
             rule.check(value)
+        check_schedule(self.cfg_schedule)
         get_sampler(self.sampler).check_steps(self.steps)
 
 

@@ -109,6 +109,15 @@ def kv_bytes(cfg, rows: int, positions: int, dtype_bytes: int) -> int:
     return 2 * cfg.num_layers * rows * cfg.num_kv_heads * cfg.head_dim * positions * dtype_bytes
 
 
+def run_bytes(backbone, vae, shape) -> int:
+    """Device memory a run of this shape (pipeline.RunShape) takes beside the weights: KV cache,
+    activations and a margin. What a host that places the weights itself (ComfyUI) keeps free."""
+    p = plan(backbone.cfg, None, backbone.dtype.itemsize, width=shape.width, height=shape.height,
+             batch=shape.batch, cfg_rows=shape.cfg_rows, context_tokens=shape.context, vae_channels=vae.cfg.ch,
+             patch=backbone.cfg.latent_patch_size * vae.cfg.down_factor)
+    return p.kv_bytes + p.activation_bytes + SLACK
+
+
 def plan(cfg, fmt: Optional[str], dtype_bytes: int, *, width: int, height: int, batch: int = 1, cfg_rows: int = 2,
          context_tokens: int = 512, free_bytes: Optional[int] = None, other_weight_bytes: int = 0,
          vae_channels: int = 128, lm_head: bool = False, gpu_layers: Optional[int] = None,

@@ -98,7 +98,7 @@ def vae_files() -> list[tuple[str, str]]:
 def devices(choice: str) -> tuple[torch.device, torch.device]:
     """(load device, offload device) for a loader's `device` widget. Under ComfyUI, "auto" is the
     device ComfyUI computes on, with weights parked where it parks diffusion models."""
-    from ..nextstep_core.devices import resolve_device
+    from ..nextstep_core.api import resolve_device
     if choice == "cpu":
         cpu = torch.device("cpu")
         return cpu, cpu

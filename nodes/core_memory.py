@@ -11,7 +11,7 @@ core what it has and what a run needs:
 - `manage`: `comfy.model_patcher.CoreModelPatcher` (ModelPatcherDynamic under dynamic VRAM) around
   a holder that names the paging units: one per decoder layer, the head whole, the VAE whole;
 - `load_for_run`: one `load_models_gpu` request for the three parts with `memory_required` = the
-  run's KV cache and activations (memory.plan), then the backbone's layers run through core's
+  run's KV cache and activations (the engine's memory.run_bytes), then the backbone's layers run through core's
   prefetch queue, so the next layer's weights arrive while this one computes.
 Nothing here moves a weight.
 """
@@ -22,8 +22,6 @@ import types
 import torch
 
 from . import bridge
-from ..nextstep_core.devices import SLACK
-from ..nextstep_core.memory import plan
 
 
 def operations(dtype: torch.dtype, load_device: torch.device):
@@ -85,16 +83,6 @@ def manage(part: torch.nn.Module, load_device: torch.device, offload_device: tor
         return None
     part.run_device = torch.device(load_device)
     return cls(_holder_class(part)(part, offload_device), load_device=load_device, offload_device=offload_device)
-
-
-def run_memory(backbone, vae, shape) -> int:
-    """Device memory a run of this shape (pipeline.RunShape) takes beside the weights (KV cache,
-    activations, a margin): what core must keep free when it loads the parts. From memory.plan,
-    the model the CLI and the README use too."""
-    p = plan(backbone.cfg, None, backbone.dtype.itemsize, width=shape.width, height=shape.height,
-             batch=shape.batch, cfg_rows=shape.cfg_rows, context_tokens=shape.context, vae_channels=vae.cfg.ch,
-             patch=backbone.cfg.latent_patch_size * vae.cfg.down_factor)
-    return p.kv_bytes + p.activation_bytes + SLACK
 
 
 def refresh_size(patcher) -> None:

@@ -2,13 +2,9 @@
 from __future__ import annotations
 
 from . import runner, settings
-from ..nextstep_core.errors import InputImageError
-from ..nextstep_core.images import FIT_MODES, from_hwc_float
-from ..nextstep_core.limits import CFG_IMG
-from ..nextstep_core.pipeline import Request
-from ..nextstep_core.presets import PRESETS
+from ..nextstep_core.api import CFG_IMG, EDIT_VARIANT, FIT_MODES, InputImageError, Request, from_hwc_float, preset
 
-CARD = PRESETS["nextstep1-large-edit"]  # the NextStep-1-Large-Edit example's settings
+CARD = preset(EDIT_VARIANT)  # the NextStep-1-Large-Edit example's settings
 
 
 def input_images(image) -> list:

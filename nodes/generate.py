@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 from . import remote, runner, settings
-from ..nextstep_core.pipeline import Request
-from ..nextstep_core.presets import PRESETS
-from ..nextstep_core.reasoning import ReasoningSettings
+from ..nextstep_core.api import FALLBACK, ReasoningSettings, Request, preset
 
-CARD = PRESETS["nextstep1-large"]  # the NextStep-1-Large model card's recommended settings
+CARD = preset(FALLBACK)  # the NextStep-1-Large model card's recommended settings
 
 
 def reasoning_settings(self_cot: bool, reasoning) -> ReasoningSettings:

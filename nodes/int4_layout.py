@@ -27,7 +27,7 @@ import json
 
 import torch
 
-from ..nextstep_core.weights.int4 import GROUP, dequantize, quantize_int4, stored_linear
+from ..nextstep_core.api import INT4_GROUP as GROUP, int4_dequantize as dequantize, quantize_int4, stored_linear
 from . import bridge
 
 LAYOUT = "NextStepInt4Layout"

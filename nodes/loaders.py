@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from . import bridge, core_memory, model_folders
 from .sockets import BACKBONE, FLOW_HEAD, VAE, LoadedPart
-from ..nextstep_core.checkpoint import load_backbone, load_flow_head, load_vae, model_variant
-from ..nextstep_core.devices import resolve_dtype
+from ..nextstep_core.api import SettingsError, load_backbone, load_flow_head, load_vae, model_variant, resolve_dtype
 
 CATEGORY = "NextStep/loaders"
 DTYPES = ["auto", "bf16", "fp16", "fp32"]
@@ -80,7 +79,6 @@ class NextStepBackboneLoader:
 
     def load(self, model_name, dtype, device, weights="full"):
         if weights not in WEIGHTS:
-            from ..nextstep_core.errors import SettingsError
             raise SettingsError(f"weights={weights!r}; choose one of {', '.join(WEIGHTS)}.")
         path = model_folders.resolve_model(model_name)
         load_dev, park_dev, dt = _target(dtype, device)

@@ -11,8 +11,7 @@ import json
 import os
 
 from . import bridge
-from ..nextstep_core.errors import CheckpointError
-from ..nextstep_core.variants import TABLE, by_folder
+from ..nextstep_core.api import VARIANTS as TABLE, CheckpointError, by_folder
 
 REPOS = tuple(v.folder for v in TABLE)  # the folder names the released repos download to
 VAE_WEIGHTS = ("checkpoint.pt", "diffusion_pytorch_model.safetensors", "model.safetensors")

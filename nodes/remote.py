@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from . import bridge, settings
 from .sockets import BACKBONE, FLOW_HEAD, VAE, label
-from ..nextstep_core.errors import SettingsError
-from ..nextstep_core.remote import API_KEY_ENV, DEFAULT_TIMEOUT, HOSTS_ENV, START_HINT, Server, draw, parse_servers
+from ..nextstep_core.api import (API_KEY_ENV, DEFAULT_TIMEOUT, HOSTS_ENV, START_HINT, Server, SettingsError, draw,
+                                 parse_servers)
 
 
 @dataclass(eq=False)

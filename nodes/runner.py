@@ -6,9 +6,7 @@ from . import bridge, core_memory
 from .progress import TokenProgress
 from .remote import LOCAL_ONLY, is_remote
 from .sockets import BACKBONE, FLOW_HEAD, VAE, LoadedPart, label
-from ..nextstep_core.checkpoint import attach_lm_head
-from ..nextstep_core.errors import SettingsError
-from ..nextstep_core.pipeline import NextStepPipeline, Request, Result, RunShape
+from ..nextstep_core.api import NextStepPipeline, Request, Result, RunShape, SettingsError, attach_lm_head, run_bytes
 
 
 def pipeline_for(backbone, flow_head, vae) -> NextStepPipeline:
@@ -44,7 +42,7 @@ def run(backbone: LoadedPart, flow_head: LoadedPart, vae: LoadedPart, request: R
 
 def load_parts(backbone: LoadedPart, flow_head: LoadedPart, vae: LoadedPart, shape: RunShape, node_id=None) -> None:
     """Asks ComfyUI for the three parts for one run of this shape (the engine's, see RunShape)."""
-    need = core_memory.run_memory(backbone.module, vae.module, shape)
+    need = run_bytes(backbone.module, vae.module, shape)
     core_memory.load_for_run([backbone.patcher, flow_head.patcher, vae.patcher], need, backbone.patcher)
     if backbone.patcher is not None:
         bridge.show(core_memory.describe(backbone.patcher, len(backbone.module.layers)), node_id)

@@ -6,13 +6,8 @@ position, and the web extension finds widgets by name).
 """
 from __future__ import annotations
 
-from ..nextstep_core.engine import SamplingSettings
-from ..nextstep_core.errors import SettingsError
-from ..nextstep_core.images import bucket_sizes
-from ..nextstep_core.limits import CFG, MAX_SEED, MAX_SIZE, PIXELS_PER_TOKEN, SHIFT, STEPS, Range
-from ..nextstep_core.limits import size_problem as engine_size_problem
-from ..nextstep_core.presets import preset
-from ..nextstep_core.samplers import CFG_SCHEDULES, get_sampler, sampler_names
+from ..nextstep_core.api import (CFG, CFG_SCHEDULES, MAX_SEED, MAX_SIZE, PIXELS_PER_TOKEN, SHIFT, STEPS, Range,
+                                 SamplingSettings, bucket_sizes, get_sampler, preset, sampler_names)
 from .sockets import BACKBONE, FLOW_HEAD, VAE
 
 CATEGORY = "NextStep"
@@ -96,10 +91,8 @@ def resolve_sampler(sampler: str, backbone) -> str:
 
 def sampling(backbone, *, cfg: float, cfg_img: float, cfg_schedule: str, steps: int, timesteps_shift: float,
              use_norm: bool, sampler: str) -> SamplingSettings:
-    if sampler not in sampler_choices():
-        raise SettingsError(f"sampler={sampler!r} is not one of {', '.join(sampler_choices())}.")
-    # the settings check themselves against the engine's ranges: a value that is no number is
-    # passed on as it is, so its message is the engine's too
+    # the settings check themselves against the engine's table (ranges, sampler and schedule names): a
+    # value that is no number is passed on as it is, so its message is the engine's too
     return SamplingSettings(cfg=number(cfg), cfg_img=number(cfg_img), cfg_schedule=cfg_schedule,
                             steps=number(steps, int), shift=number(timesteps_shift), use_norm=bool(use_norm),
                             sampler=resolve_sampler(sampler, backbone))
@@ -110,9 +103,3 @@ def number(value, kind=float):
         return kind(value)
     except (TypeError, ValueError, OverflowError):
         return value
-
-
-def size_problem(name: str, value) -> str | None:
-    """Why a width/height/size widget value cannot be used, or None. Linked values are only
-    known at run time (None here) and are checked then."""
-    return None if value is None else engine_size_problem(name, value)

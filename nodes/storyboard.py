@@ -15,14 +15,12 @@ import torch
 
 from . import runner, settings
 from .progress import TokenProgress
-from ..nextstep_core.errors import SettingsError
-from ..nextstep_core.presets import PRESETS
-from ..nextstep_core.story import MODES, StoryContext, Storyboard, StorySettings
-from ..nextstep_core.variants import EDIT_VARIANT, FALLBACK
+from ..nextstep_core.api import (EDIT_VARIANT, FALLBACK, STORY_MODES as MODES, SettingsError, StoryContext,
+                                 Storyboard, StorySettings, preset)
 
 STORY = "NEXTSTEP_STORY"
-CARD = PRESETS[FALLBACK]  # NextStep-1-Large's model card
-EDIT_CFG_IMG = PRESETS[EDIT_VARIANT]["cfg_img"]
+CARD = preset(FALLBACK)  # NextStep-1-Large's model card
+EDIT_CFG_IMG = preset(EDIT_VARIANT)["cfg_img"]
 
 
 @dataclass(eq=False)

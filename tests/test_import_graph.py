@@ -27,10 +27,12 @@ LAYERS = {
                            "nextstep_core.weights.quant_write"),
     "token loop": ("nextstep_core.samplers", "nextstep_core.graphs", "nextstep_core.engine",
                    "nextstep_core.weights.streaming"),
-    "requests": ("nextstep_core.presets", "nextstep_core.reasoning", "nextstep_core.pipeline", "nextstep_core.story"),
+    "requests": ("nextstep_core.presets", "nextstep_core.reasoning", "nextstep_core.pipeline", "nextstep_core.story",
+                 "nextstep_core.preview"),
     "commands": ("nextstep_core.cli", "nextstep_core.__main__", "nextstep_core.remote",
                  "nextstep_core.remote.servers", "nextstep_core.remote.trust", "nextstep_core.remote.payload",
                  "nextstep_core.remote.fanout", "nextstep_core.remote.command"),
+    "face": ("nextstep_core.api",),
     "nodes": ("nodes", "nodes.bridge", "nodes.sockets", "nodes.model_folders", "nodes.int4_layout",
               "nodes.core_memory", "nodes.progress", "nodes.settings", "nodes.remote", "nodes.runner",
               "nodes.loaders", "nodes.edit", "nodes.generate", "nodes.storyboard"),
@@ -167,6 +169,17 @@ def test_imports_run_down_the_layers_except_the_listed_ones():
     assert set(up) == set(UPWARD), (f"unlisted upward imports: {sorted(set(up) - set(UPWARD))}; listed but gone "
                                     f"(remove them from UPWARD): {sorted(set(UPWARD) - set(up))}")
     assert len(UPWARD) <= MOST_UPWARD
+
+
+def test_the_nodes_see_the_engine_only_through_its_face():
+    """nodes/ is a thin adapter: every engine name it uses comes from nextstep_core.api, so the
+    engine's modules behind it can move without touching the nodes."""
+    graph = import_graph()
+    reached = {m: sorted(t for t in targets if t.startswith("nextstep_core")) for m, targets in graph.items()
+               if m == "nodes" or m.startswith("nodes.")}
+    beside = {m: [t for t in ts if t != "nextstep_core.api"] for m, ts in reached.items()}
+    assert not any(beside.values()), f"import these through nextstep_core.api: { {m: t for m, t in beside.items() if t} }"
+    assert any("nextstep_core.api" in ts for ts in reached.values())
 
 
 def test_the_checker_sees_a_function_local_cycle_and_an_upward_import(tmp_path):

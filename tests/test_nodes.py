@@ -346,10 +346,10 @@ def test_sampler_auto_follows_the_model(pack):
 
 
 def test_preview_fills_in_row_by_row(pack, host):
-    _bb, _head, vae = load_parts(pack)
+    bb, _head, vae = load_parts(pack)
     tokens = torch.randn(16, 64)
     tokens[5:] = float("nan")  # not sampled yet: must never reach the picture
-    image = pack.nodes.progress.partial_image(vae.module, tokens, 5, (4, 4), 16, 2)
+    image = pack.nextstep_core.preview.partial_image(vae.module, bb.module, tokens, 5, (4, 4))
     import numpy as np
     px = np.asarray(image)
     assert px.shape == (64, 64, 3)

@@ -82,7 +82,7 @@ def test_the_request_says_what_the_run_needs(pack, host):
     engine = pack.nextstep_core.pipeline
     kv_only = bb.cache_bytes(2, engine.PROMPT_TOKENS + 4)
     shape = engine.RunShape(32, 32, (2, 2), batch=1, cfg_rows=2, context=engine.PROMPT_TOKENS)
-    assert need == pack.nodes.core_memory.run_memory(bb, vae, shape) > kv_only
+    assert need == pack.nextstep_core.memory.run_bytes(bb, vae, shape) > kv_only
     run_t2i(pack, parts, batch_size=3)
     assert host.load_calls[-1][1] > need  # three images' rows
 

@@ -57,8 +57,8 @@ def test_cfg_schedules():
     torch.testing.assert_close(lin, torch.tensor([7.5, 1 + 6.5 * 3 / 4, 1 + 6.5 * 2 / 4, 1 + 6.5 / 4], dtype=torch.float64))
     ramp = cfg_values("linear-ramp", 7.5, 1.0, 4)[:, 0]
     torch.testing.assert_close(ramp, torch.tensor([3.75, 3.75, 4.25, 1 + 6.5 * 3 / 4], dtype=torch.float64))
-    with pytest.raises(SettingsError, match="cfg schedule"):
-        cfg_values("cosine", 7.5, 1.0, 4)
+    with pytest.raises(SettingsError, match=r"^cfg_schedule='cosine' is not a CFG schedule"):
+        SamplingSettings(cfg_schedule="cosine")  # refused when the settings are made, not when they run
 
 
 def test_bad_guidance_and_steps_are_rejected_with_the_fix():
@@ -152,4 +152,4 @@ def test_the_cli_and_the_engine_read_one_table_of_samplers_and_schedules(capsys)
     err = capsys.readouterr().err
     assert "euler" in err and all(name in err for name in sampler_names())
     with pytest.raises(SettingsError, match="constant, linear, linear-ramp"):
-        cfg_values("cosine", 7.5, 1.0, 4)
+        SamplingSettings(cfg_schedule="cosine")

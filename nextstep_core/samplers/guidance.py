@@ -50,11 +50,15 @@ def _linear_ramp(val: float, k: torch.Tensor, n: int) -> torch.Tensor:
 CFG_SCHEDULES = {"constant": _constant, "linear": _linear, "linear-ramp": _linear_ramp}
 
 
+def check_schedule(schedule: str) -> None:
+    if schedule not in CFG_SCHEDULES:
+        raise SettingsError(f"cfg_schedule={schedule!r} is not a CFG schedule; choose one of "
+                            f"{', '.join(CFG_SCHEDULES)}.")
+
+
 def cfg_values(schedule: str, cfg: float, cfg_img: float, n_tokens: int) -> torch.Tensor:
-    """[n_tokens, 2] float64 (cfg, cfg_img) per token."""
-    rule = CFG_SCHEDULES.get(schedule)
-    if rule is None:
-        raise SettingsError(f"Unknown cfg schedule {schedule!r}; choose one of {', '.join(CFG_SCHEDULES)}.")
+    """[n_tokens, 2] float64 (cfg, cfg_img) per token; the settings checked the schedule's name."""
+    rule = CFG_SCHEDULES[schedule]
     k = torch.arange(n_tokens, dtype=torch.float64)
     out = torch.empty(n_tokens, 2, dtype=torch.float64)
     for j, val in enumerate((cfg, cfg_img)):
