@@ -22,6 +22,7 @@ import torch
 
 from .devices import SLACK
 from .errors import DeviceError
+from .limits import token_grid
 
 GiB = 2 ** 30
 PCIE_GBPS = 25.0  # PCIe 4.0 x16 as measured by typical host-to-device copies; 5.0 cards roughly double it
@@ -134,7 +135,8 @@ def plan(cfg, fmt: Optional[str], dtype_bytes: int, *, width: int, height: int, 
     n = cfg.num_layers
     layer, rest = weight_bytes(cfg, fmt, dtype_bytes, lm_head)
     rows = batch * cfg_rows
-    tokens = (width // patch) * (height // patch)
+    grid = token_grid(width, height, patch)
+    tokens = grid[0] * grid[1]
     kv = kv_bytes(cfg, rows, context_tokens + tokens, dtype_bytes)
     prefill = rows * context_tokens * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * dtype_bytes
     decode = 4 * width * height * vae_channels * dtype_bytes * batch

@@ -19,7 +19,7 @@ from .flow_head import FlowHead
 from .limits import check_count, check_seed, check_size, size_problem, token_grid
 from .images import FIT_MODES, fit_image, fit_to_size, to_model_pixels, to_output
 from .noise import make_generator
-from .prompts import PromptRows, build_rows, cfg_mult_for, image_prefix, left_pad, row_texts
+from .prompts import IMAGE_TAG, PromptRows, build_rows, cfg_mult_for, image_prefix, left_pad, row_texts
 from .reasoning import ReasoningSettings, forced_suffix, generate_reasoning
 from .tokenizer import NextStepTokenizer
 from .vae import NextStepVAE, patchify, unpatchify
@@ -70,6 +70,10 @@ class Request:
             if not all(hasattr(img, "size") and hasattr(img, "convert") for img in self.edit_images):
                 raise SettingsError("edit_images must be PIL images: open files with nextstep_core.images.open_image, "
                                     "or pass a Load Image node's output to the Edit node.")
+            for p in prompts:
+                if p.count(IMAGE_TAG) > 1:
+                    raise SettingsError(f"The edit instruction {p!r} has {p.count(IMAGE_TAG)} {IMAGE_TAG} tags; use "
+                                        "one (or none: the image goes first).")
             n_img = len(self.edit_images)
             if n_img != len(prompts) and 1 not in (n_img, len(prompts)):
                 raise SettingsError(f"{len(prompts)} edit instructions but {n_img} input images: give one "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from . import bridge, core_memory, model_folders
 from .sockets import BACKBONE, FLOW_HEAD, VAE, LoadedPart
-from ..nextstep_core.api import SettingsError, load_backbone, load_flow_head, load_vae, model_variant, resolve_dtype
+from ..nextstep_core.api import load_backbone, load_flow_head, load_vae, model_variant, resolve_dtype
 
 CATEGORY = "NextStep/loaders"
 DTYPES = ["auto", "bf16", "fp16", "fp32"]
@@ -78,8 +78,7 @@ class NextStepBackboneLoader:
         return model_folders.check(model_name, "model")
 
     def load(self, model_name, dtype, device, weights="full"):
-        if weights not in WEIGHTS:
-            raise SettingsError(f"weights={weights!r}; choose one of {', '.join(WEIGHTS)}.")
+        # an unknown format is refused by the engine's loader (check_format), before any file is read
         path = model_folders.resolve_model(model_name)
         load_dev, park_dev, dt = _target(dtype, device)
         quant = None if weights == "full" else weights

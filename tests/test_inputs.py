@@ -136,7 +136,8 @@ def test_an_edit_request_checks_and_fits_its_inputs_once_when_made():
            (dict(fit="stretch"), r"^fit='stretch' is not a fit mode; choose one of bucket"),
            (dict(fit="none"), r"^The input image is 333x517; with fit 'none'"),
            (dict(edit_images=[img, img], prompts=["a", "b", "c"]), "3 edit instructions but 2 input images"),
-           (dict(edit_images=["cat.png"]), "edit_images must be PIL images")]
+           (dict(edit_images=["cat.png"]), "edit_images must be PIL images"),
+           (dict(prompts=["<image> then <image>"]), "has 2 <image> tags; use one")]
     for over, message in bad:
         with pytest.raises(SettingsError, match=message):
             Request(**{**dict(prompts=["x"], width=None, height=None, edit_images=[img]), **over})

@@ -42,7 +42,8 @@ def test_int4_weights_are_the_packs_layout_in_core(pack, host):
 
 
 def test_unknown_weights_choice_is_named(pack, host):
+    """ComfyUI refuses a value outside the combo; a direct call gets the engine's loader's message."""
     from comfyui_nextstep_under_test.nextstep_core.errors import SettingsError
-    with pytest.raises(SettingsError, match="weights='int3'"):
+    with pytest.raises(SettingsError, match="Unknown weight format 'int3': use one of int8, fp8, int4"):
         call(pack.NODE_CLASS_MAPPINGS["NextStepBackboneLoader"], model_name="NextStep-1-Large", dtype="auto",
              device="auto", weights="int3")

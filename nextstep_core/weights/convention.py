@@ -79,7 +79,6 @@ def quantize_layer(layer: nn.Module, fmt: str) -> nn.Module:
     """Swap a decoder layer's seven Linears for quantized ones; each original is dropped as soon as
     its replacement exists, so the extra memory is one matrix, not one layer. Each goes through its
     stored form, as a file's matrices do, so this gives a file's layers exactly."""
-    check_format(fmt)
     for path in LINEARS:
         parent_name, name = path.split(".")
         parent = getattr(layer, parent_name)

@@ -58,8 +58,7 @@ def quantize_weight(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tens
 
     int8: one absmax scale per output row. fp8: one scale for the whole matrix (repeated per row
     here, so both formats share the kernels), as ComfyUI's float8_e4m3fn format stores it: the same
-    file then serves ComfyUI and the CLI."""
-    check_format(fmt)
+    file then serves ComfyUI and the CLI. `fmt` was checked where the user gave it (the loader)."""
     q = torch.empty(w.shape, dtype=STORAGE[fmt], device=w.device)
     scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
     rows = max(1, _CHUNK // max(1, w.shape[1]))
@@ -284,7 +283,7 @@ def probe_fp8_matmul(device: torch.device) -> bool:
 def empty_quantized_layers(backbone: nn.Module, fmt: str) -> None:
     """Replace the seven Linears of every layer with placeholders of the right storage dtypes,
     for `load_state_dict(assign=True)` of a pre-quantized file."""
-    cls = MODULES[check_format(fmt)]
+    cls = MODULES[fmt]
     for layer in backbone.layers:
         for path in LINEARS:
             parent_name, name = path.split(".")
