@@ -58,7 +58,7 @@ class Request:
             raise SettingsError("No prompt given: write at least one prompt.")
         if any(not isinstance(p, str) for p in prompts):
             raise SettingsError("Prompts must be text.")
-        if self.edit_images is None or self.width is not None:  # else the fitted input gives the size
+        if not self.edit_images or self.width is not None:  # else the fitted input gives the size
             check_size(self.width, self.height)
         if self.edit_images:
             if self.fit not in FIT_MODES:
