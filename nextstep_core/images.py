@@ -77,16 +77,14 @@ def fit_to_size(img, mode: str, width: int, height: int):
     """Fit an RGB PIL image to an edit whose output size was given. resize: exactly width x height
     (what StepFun's edit example does: `image.resize(hw)`, PIL's default bicubic filter); bucket and
     center-crop: scale to cover width x height and centre-crop (the aspect kept); none: as it is
-    (its sides must be multiples of 16; it may differ from the output size). The size is the
-    request's, checked when it was made."""
+    (its sides must be multiples of 16; it may differ from the output size). The size and the mode
+    are the request's, checked when it was made."""
     from PIL import Image
     if mode == "none":
         return fit_image(img, "none")
     if mode == "resize":
         return img if img.size == (width, height) else img.resize((width, height), Image.BICUBIC)
-    if mode not in FIT_MODES:
-        raise SettingsError(f"Unknown fit mode {mode!r}; choose one of {', '.join(FIT_MODES)}.")
-    w, h = img.size
+    w, h = img.size  # bucket or center-crop (the request checked the mode)
     scale = max(width / w, height / h)
     rw, rh = max(width, round(w * scale)), max(height, round(h * scale))
     img = img.resize((rw, rh), Image.LANCZOS)
