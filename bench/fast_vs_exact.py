@@ -27,17 +27,18 @@ from nextstep_core.noise import make_generator  # noqa: E402
 
 @torch.inference_mode()
 def lockstep(bb, head, n_tokens: int, settings: SamplingSettings, static: bool = False, prompt: int = 12,
-             cfg_mult: int = 2, seed: int = 0) -> torch.Tensor:
-    """[n_tokens] max |fast token - exact token| per token, teacher-forced."""
+             cfg_mult: int = 2, seed: int = 0, images: int = 1) -> torch.Tensor:
+    """[n_tokens] max |fast token - exact token| per token, teacher-forced, for `images` images
+    (different prompts) of `cfg_mult` CFG rows each."""
     gen = torch.Generator().manual_seed(seed)
-    rows = cfg_mult
+    rows = cfg_mult * images
     ids = torch.randint(0, 200, (rows, prompt), generator=gen)
     cache_e = bb.new_cache(rows, prompt + n_tokens)
     h_e = bb.prefill(bb.embed(ids), torch.ones_like(ids), cache_e, None)[:, -1]
     cache_f, h_f = copy.deepcopy(cache_e), h_e.clone()
     le, lf = TokenLoop(bb, head, settings, Execution(exact=True)), TokenLoop(bb, head, settings)
-    le.schedule(rows, n_tokens, bb.device)
-    lf.schedule(rows, n_tokens, bb.device)
+    le.schedule(rows, n_tokens, bb.device, cfg_mult)
+    lf.schedule(rows, n_tokens, bb.device, cfg_mult)
     noise = noise_for(settings, make_generator(seed), 1, rows // cfg_mult, bb.cfg.token_dim, bb.device, n_tokens)
     pos = torch.tensor([cache_f.length])
     out = []

@@ -159,7 +159,7 @@ def measure(fmt, args, shape, device, dtype):
     cache = bb.new_cache(2, cache_len)
     hidden = bb.prefill(bb.embed(ids), torch.ones_like(ids), cache, PROMPT)[:, -1]
     loop = TokenLoop(bb, head, s)
-    loop.schedule(2, n, device)
+    loop.schedule(2, n, device, 2)
     from nextstep_core.samplers import draws_per_token
     shape_z = (draws_per_token(s.sampler, steps), 1, 64)
     step = graphs.StaticStep(loop, hidden, cache, 2, shape_z)

@@ -97,7 +97,7 @@ def make_step(bb, head, settings: SamplingSettings, execution: Execution = Execu
     cache = bb.new_cache(rows, bb.padded_cache_len(prompt + n_tokens, execution.exact))
     hidden = bb.prefill(bb.embed(ids), torch.ones_like(ids), cache, None if execution.exact else prompt)[:, -1]
     loop = TokenLoop(bb, head, settings, execution)
-    loop.schedule(rows, n_tokens, hidden.device)
+    loop.schedule(rows, n_tokens, hidden.device, cfg_mult)
     shape = (draws_per_token(settings.sampler, settings.steps), rows // cfg_mult, bb.cfg.token_dim)
     step = StaticStep(loop, hidden, cache, cfg_mult, shape)
     step.noise.normal_(generator=torch.Generator().manual_seed(2))

@@ -32,7 +32,7 @@ def teacher_forced(backbone, head, rows: PromptRows, tokens: torch.Tensor, setti
     cache = backbone.new_cache(embeds.shape[0], embeds.shape[1])
     hidden = backbone.prefill(embeds, mask, cache, embeds.shape[1])[:, ids.shape[1] - 1:]
     loop = TokenLoop(backbone, head, settings)
-    loop.schedule(embeds.shape[0], n, dev)
+    loop.schedule(embeds.shape[0], n, dev, rows.cfg_mult)
     noise = noise_for(settings, make_generator(seed), 1, batch, dim, dev, n)
     out = [loop.sample_token(hidden[:, k], noise.for_token(k), loop.scales[k], rows.cfg_mult).to(torch.float32)
            for k in range(n)]

@@ -83,8 +83,8 @@ class Rope:
 
 
 def swap_halves(x: torch.Tensor) -> torch.Tensor:
-    """[x1, x2] -> [x2, x1] over the last dim: one copy (a flip of a [2, half] view)."""
-    return x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+    """[x1, x2] -> [x2, x1] over the last dim: one copy, one op (a roll by half the width)."""
+    return x.roll(x.shape[-1] // 2, -1)
 
 
 class Attention(nn.Module):
@@ -103,20 +103,22 @@ class Attention(nn.Module):
         or for one position a 1-element device tensor (static shapes and addresses: the step can be
         captured in a CUDA graph); see `StaticKVCache.update` for what is attended.
 
-        `fast` (one position; `sin` from the signed table): one q|k|v product (`fused`), RoPE on q
-        and k together, and the query heads of each KV group folded into the query length (q_len 1
-        -> group size), so SDPA needs no GQA support and the [B,1,1,L] mask simply broadcasts. Same
-        maths as the reference's operations used otherwise; only rounding moves."""
-        b, n, _ = x.shape
+        `fast` (one position, x [b, hidden] and the result [b, heads * head_dim]; `sin` from the
+        signed table): one q|k|v product (`fused`), RoPE on q and k together, and the query heads of
+        each KV group folded into the query length (q_len 1 -> group size), so SDPA needs no GQA
+        support and the [B,1,1,L] mask simply broadcasts. Same maths as the reference's operations
+        used otherwise; only rounding moves."""
         nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         if fast:
+            b = x.shape[0]
             f = self.fused_qkv() if fused else None
             y = f(x) if f is not None else torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
             y = y.view(b, nh + 2 * nkv, 1, hd)  # one position: [b, 1, heads, hd] and [b, heads, 1, hd] share memory
-            qk = y[:, :nh + nkv]
+            qk, v = y.split([nh + nkv, nkv], dim=1)
             qk = torch.addcmul(qk * cos, swap_halves(qk), sin)
-            q, k, v = qk[:, :nh], qk[:, nh:], y[:, nh + nkv:]
+            q, k = qk.split([nh, nkv], dim=1)
         else:
+            b, n, _ = x.shape
             q = self.q_proj(x).view(b, n, nh, hd).transpose(1, 2)
             k = self.k_proj(x).view(b, n, nkv, hd).transpose(1, 2)
             v = self.v_proj(x).view(b, n, nkv, hd).transpose(1, 2)
@@ -125,7 +127,7 @@ class Attention(nn.Module):
         keys, values = cache.update(layer, pos, k, v, kv_len)
         if fast:
             out = F.scaled_dot_product_attention(q.reshape(b, nkv, nh // nkv, hd), keys, values, attn_mask=mask)
-            return out.reshape(b, 1, nh * hd)
+            return out.reshape(b, nh * hd)
         return attend(q, keys, values, mask).transpose(1, 2).reshape(b, n, -1)
 
     def _apply(self, fn, recurse=True):
@@ -183,8 +185,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, ops)
 
     def forward(self, x, cos, sin, cache, layer, pos, mask, kv_len, fast: bool = False, fused: bool = True):
-        """`fast` (one position): the fused step, with the residual additions riding in the o_proj
-        and down_proj products; otherwise the reference's operations, bit for bit."""
+        """`fast` (one position, x [b, hidden]): the fused step, with the residual additions riding in
+        the o_proj and down_proj products; otherwise the reference's operations, bit for bit."""
         attn = self.self_attn
         h = attn(self.input_layernorm(x, fast), cos, sin, cache, layer, pos, mask, kv_len, fast, fused)
         if not fast:
@@ -324,7 +326,7 @@ class Backbone(RunsOn, nn.Module):
         mask = cache.additive_mask(pos, n, kv)
         cos, sin = self.rope_built(cache.max_len).at(pos, n, fast)
         fused = self.streamer is None  # streamed layers get their weights swapped in per call
-        x = embeds
+        x = embeds[:, 0] if fast else embeds  # the fast step runs [rows, hidden]: no reshapes around its products
 
         def body(i, layer):
             nonlocal x
@@ -333,7 +335,8 @@ class Backbone(RunsOn, nn.Module):
         self.run_layers(body)
         if not isinstance(pos, torch.Tensor):
             cache.length = pos + n
-        return self.norm(x, fast)
+        h = self.norm(x, fast)
+        return h[:, None] if fast else h
 
     def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor, cache: StaticKVCache,
                 kv_len: int | None = None) -> torch.Tensor:

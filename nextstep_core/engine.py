@@ -18,7 +18,7 @@ from .flow_head import FlowHead
 from .kv_cache import StaticKVCache
 from .limits import CFG, CFG_IMG, SHIFT, STEPS
 from .noise import TokenNoise
-from .samplers import cfg_values, cfg_weights, check_schedule, combine_cfg, draws_per_token, get_sampler
+from .samplers import FoldedSteps, cfg_values, check_schedule, combine_cfg, draws_per_token, get_sampler
 
 TokenCallback = Callable[[int, int, torch.Tensor], None]
 
@@ -68,7 +68,7 @@ class TokenLoop:
     def _kv(self, cache: StaticKVCache, extra: int) -> Optional[int]:
         return None if self.execution.exact else cache.length + extra
 
-    def schedule(self, rows: int, n_tokens: int, device):
+    def schedule(self, rows: int, n_tokens: int, device, cfg_mult: int):
         """Everything the loop needs that does not depend on the tokens, made once per image:
         the time grid, its embeddings, the CFG scales, and the sampler's per-step constants."""
         s, sampler = self.s, self.sampler
@@ -76,44 +76,40 @@ class TokenLoop:
         self.t_emb = self.head.time_embeddings(t[: s.steps], rows)
         self.scales = cfg_values(s.cfg_schedule, s.cfg, s.cfg_img, n_tokens).to(torch.float32).to(device)
         if self.execution.exact:  # the reference's scalars per step, made once with its own operations (same bits)
-            self.constants, self.fast_coefs = sampler.constants(t, s.steps), None
+            self.constants, self.folded = sampler.constants(t, s.steps), None
         else:
-            self.constants, self.fast_coefs = None, sampler.coefficients(t, s.steps)
+            self.constants = None
+            self.folded = FoldedSteps(sampler.coefficients(t, s.steps), cfg_mult, rows,
+                                      sampler.draws_per_token(s.steps), device)
 
     def sample_token(self, hidden: torch.Tensor, z: torch.Tensor, scale: torch.Tensor, cfg_mult: int) -> torch.Tensor:
         """One image token from the state before it: the head's N steps with CFG, then use_norm.
-        hidden [rows, H]; z [draws, rows / cfg_mult, D] noise; scale [2] (cfg, cfg_img).
+        hidden [rows, H]; z [draws, rows / cfg_mult, D] noise; scale [2] float32 (cfg, cfg_img).
         Returns the token in the backbone dtype.
 
         Exact: the sampler's own step (`Sampler.sample`, the reference's operations). Otherwise the
-        same sampler with the arithmetic folded: per step x <- A x + sum_j B_j v_j + C w, where v_j
-        are the CFG rows' velocities, B_j the step's (1+t) dt times each row's CFG weight and C the
-        noise scale (the SDE's var (1-t)^2 + t(1-t) is 1-t on paper), with the head's fast mode;
+        same sampler folded (samplers/folded.py): the state is kept as the CFG rows the head reads,
+        and per step x <- M_i v + A_i x + C_i w, M_i mixing the rows' velocities with B_i times their
+        CFG weights (the SDE's var (1-t)^2 + t(1-t) is 1-t on paper), with the head's fast mode;
         rounding differs (measured and bounded in the tests)."""
         head, exact = self.head, self.execution.exact
         c = self.bb.image_out_projector(hidden)
         mods = head.prepare(c if c.dtype == head.dtype else c.to(head.dtype), self.t_emb, not exact)
 
-        def velocities(x, i):  # every CFG row's velocity at step i, float32
-            xr = x.repeat(cfg_mult, 1) if cfg_mult > 1 else x
+        def velocities(xr, i):  # every CFG row's velocity at step i, float32, from the rows' x
             out = head.velocity(xr if xr.dtype == head.dtype else xr.to(head.dtype), mods[i], not exact)
             return out if out.dtype == torch.float32 else out.to(torch.float32)
 
         if exact:
             cfg_k, img_k = scale[0], scale[1]
             return self._finish(self.sampler.sample(
-                lambda x, i: combine_cfg(velocities(x, i), cfg_mult, cfg_k, img_k), z, self.constants))
-        a, b, cn = self.fast_coefs
-        bw = (b[:, None] * cfg_weights(scale, cfg_mult)[None]).flatten().unbind(0)  # steps x cfg_mult, one op
-        x = z[0]
+                lambda x, i: combine_cfg(velocities(x.repeat(cfg_mult, 1) if cfg_mult > 1 else x, i),
+                                         cfg_mult, cfg_k, img_k), z, self.constants))
+        fold = self.folded
+        x, mix, noise = fold.start(z, scale)
         for i in range(self.s.steps):
-            out = velocities(x, i)
-            x = x * a[i] if a[i] is not None else x
-            for j, vj in enumerate(out.chunk(cfg_mult, dim=0)):
-                x = torch.addcmul(x, vj, bw[i * cfg_mult + j])
-            if cn[i] is not None:
-                x = torch.addcmul(x, z[i + 1], cn[i])
-        return self._finish(x)
+            x = fold.step(i, x, velocities(x, i), mix, noise)
+        return self._finish(fold.token(x))
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
         tok = x if x.dtype == self.bb.dtype else x.to(self.bb.dtype)
@@ -132,7 +128,7 @@ class TokenLoop:
         # a fresh [rows, hidden] tensor: the prefill's last position is a view whose strides carry the
         # prompt's length, which a compiled step would guard on (one compile per prompt length)
         hidden = hidden.clone(memory_format=torch.contiguous_format)
-        self.schedule(rows, n_tokens, hidden.device)
+        self.schedule(rows, n_tokens, hidden.device, cfg_mult)
         tokens = torch.empty(rows // cfg_mult, n_tokens, bb.cfg.token_dim, dtype=torch.float32, device=hidden.device)
         fast = graphed_loop(self, hidden, cache, cfg_mult, n_tokens)
         for k in range(n_tokens):

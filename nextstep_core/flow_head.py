@@ -130,11 +130,12 @@ class FlowHead(RunsOn, nn.Module):
         return f
 
     def prepare(self, c: torch.Tensor, t_emb: torch.Tensor, fast: bool) -> list:
-        """Everything that depends only on (t, c) for one token: per step a list of [rows, dim]
+        """Everything that depends only on (t, c) for one token: per step a sequence of [rows, dim]
         tensors, (shift, 1 + scale, gate) per block, then the final layer's (shift, 1 + scale).
-        `fast`: one SiLU, one GEMM for every adaLN product of every step (see `fused_modulation`)
-        and one in-place add for every 1 + scale; otherwise each adaLN layer once per step with
-        the reference's row count (bit-equal to evaluating inside the loop)."""
+        `fast`: one SiLU and one batched product for every adaLN output of every step (see
+        `fused_modulation`), laid out [output, step, rows, dim] so that one unbind gives every
+        step's tensors, and one in-place add for every 1 + scale; otherwise each adaLN layer once
+        per step with the reference's row count (bit-equal to evaluating inside the loop)."""
         y = t_emb + self.net.cond_embed(c)[None]  # [steps, rows, dim]
         steps, rows, dim = y.shape
         seqs = [b.adaLN_modulation for b in self.net.res_blocks] + [self.net.final_layer.adaLN_modulation]
@@ -146,14 +147,28 @@ class FlowHead(RunsOn, nn.Module):
                 parts[1] = 1 + parts[1]
                 out += [p.unbind(0) for p in parts]
             return list(zip(*out))
-        y = F.silu(y)
-        f = self.fused_modulation()
-        out = f(y) if f is not None else torch.cat([seq[1](y) for seq in seqs], dim=-1)
-        out = out.view(steps, rows, out.shape[-1] // dim, dim)
-        # 1 + scale in place, on the scale chunk of every (shift, scale, gate) triple and of the final
+        out = self._modulations(F.silu(y), seqs)  # [outputs, steps, rows, dim]
+        # 1 + scale in place, on the scale of every (shift, scale, gate) triple and of the final
         # (shift, scale): nothing is created and kept here, which a compiled step would guard on
-        out[:, :, 1::3] += 1
-        return [step.unbind(1) for step in out.unbind(0)]
+        out[1::3].add_(1)
+        every = out.view(-1, rows, dim).unbind(0)
+        return [every[i::steps] for i in range(steps)]
+
+    def _modulations(self, y: torch.Tensor, seqs) -> torch.Tensor:
+        """Every adaLN Linear of SiLU(y) [steps, rows, dim], as [outputs, steps, rows, dim]. With
+        the fused weight, one batched product (each output's [dim, dim] slice of it against all
+        steps' rows) writes that layout directly, and is faster on a CPU than the one wide product
+        followed by a transposing copy; otherwise the products are reordered by one copy."""
+        steps, rows, dim = y.shape
+        f = self.fused_modulation()
+        if f is not None and not f.quant:
+            t = f.tensors()
+            w = t["weight"].view(-1, dim, t["weight"].shape[-1]).transpose(1, 2)
+            x = y.view(1, steps * rows, -1).expand(w.shape[0], -1, -1)
+            out = torch.bmm(x, w) if t["bias"] is None else torch.baddbmm(t["bias"].view(-1, 1, dim), x, w)
+            return out.view(-1, steps, rows, dim)
+        out = f(y) if f is not None else torch.cat([seq[1](y) for seq in seqs], dim=-1)
+        return out.view(steps, rows, -1, dim).permute(2, 0, 1, 3).contiguous()
 
     def velocity(self, x: torch.Tensor, mods: list, fast: bool) -> torch.Tensor:
         """x-path for one step, from that step's entry of `prepare`: [rows, input_dim] in the head

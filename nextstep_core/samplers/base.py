@@ -4,8 +4,8 @@ subclass (see registry.py): the engine never branches on a sampler's name.
 A sampler turns one image token's start noise into the token, evaluating the flow head's
 velocity at its own times. It gives the engine its step in two forms: `sample`, with the
 reference's operations (bit parity with StepFun's pipeline, `exact`), and `coefficients`, the
-same step folded into x_next = A x + B v + C w, which the fast path runs as a few fused
-multiply-adds with B split over the CFG rows (no per-step Python branches, capturable).
+same step folded into x_next = A x + B v + C w, which the fast path runs with the guidance folded
+in too (folded.py: one multiply-add and one small mixing product per step, capturable).
 """
 from __future__ import annotations
 
