@@ -2,16 +2,21 @@
 against a straightforward reference loop on the same random weights in the same process.
 
     python bench/cpu_token_loop.py            # small config: hidden 512, 8 layers, 256x256, 28 steps, cfg 7.5
+    python bench/cpu_token_loop.py --rounds 5 # reference and engine alternately, 5 times: the median ratio
 
 Prints a markdown table; the ratio column is the figure to quote (absolute times drift with the
 machine). "CPU s" is the process CPU time of the loop (all threads), which moves much less than wall
-time when other work shares the cores. Peak RSS is the whole process's high-water mark.
+time when other work shares the cores. Peak RSS is the whole process's high-water mark. On a shared
+or throttled machine the speed drifts over tens of seconds, so one engine run against one reference
+run can be off by a third; `--rounds N` alternates them and reports each round's ratio and the median.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import resource
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -100,19 +105,26 @@ def main(argv=None):
     ap.add_argument("--no-reference", action="store_true", help="time the engine only (A/B runs of two checkouts)")
     ap.add_argument("--exact", action="store_true", help="time the engine's bit-parity path instead of the fast one")
     ap.add_argument("--quant", choices=["int8", "fp8"], help="8-bit backbone weights for the engine row")
+    ap.add_argument("--rounds", type=int, default=1, help="alternate reference and engine this many times")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     bb, head = build(args)
     n_tokens = (args.size // 16) ** 2
     ids = torch.randint(0, 1000, (2, 24))
     mask = torch.ones_like(ids)
+    rounds = []  # (reference wall, reference CPU, engine wall, engine CPU)
     with torch.inference_mode():
-        ref_total, ref = (None, None) if args.no_reference else run_reference(bb, head, ids, mask, n_tokens, args)
         if args.quant:
             from nextstep_core.weights.convention import quantize_backbone
-            quantize_backbone(bb, args.quant)
-        run_engine(bb, head, ids, mask, 4, args)  # warm-up
-        eng_total, eng = run_engine(bb, head, ids, mask, n_tokens, args)
+            eng_bb = quantize_backbone(copy.deepcopy(bb), args.quant)
+        else:
+            eng_bb = bb
+        run_engine(eng_bb, head, ids, mask, 4, args)  # warm-up
+        for _ in range(max(1, args.rounds)):
+            ref_total, ref = (None, None) if args.no_reference else run_reference(bb, head, ids, mask, n_tokens, args)
+            eng_total, eng = run_engine(eng_bb, head, ids, mask, n_tokens, args)
+            if ref is not None:
+                rounds.append((ref_total, ref["cpu"], eng_total, eng["cpu"]))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     def row(name, total, tm):
@@ -133,6 +145,12 @@ def main(argv=None):
     print(f"\nspeed-up engine vs reference: {ref_total / eng_total:.2f}x wall, {ref['cpu'] / eng['cpu']:.2f}x CPU time "
           f"(head {ref['head'] / max(eng['head'], 1e-9):.2f}x, backbone {ref['backbone'] / max(eng['backbone'], 1e-9):.2f}x); "
           f"peak RSS {rss:.0f} MiB")
+    if len(rounds) > 1:
+        wall = sorted(e / r for r, _, e, _ in rounds)
+        cpu = sorted(e / r for _, r, _, e in rounds)
+        print(f"engine / reference by round (wall): {', '.join(f'{e / r:.3f}' for r, _, e, _ in rounds)}; "
+              f"median {statistics.median(wall):.3f} wall, {statistics.median(cpu):.3f} CPU time "
+              "(the rows above are the last round)")
 
 
 if __name__ == "__main__":
