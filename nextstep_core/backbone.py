@@ -12,6 +12,7 @@ from torch import nn
 
 from .config import BackboneConfig
 from .devices import RunsOn, free_bytes
+from .fused import fused_linear, linear_add
 from .kv_cache import StaticKVCache
 
 
@@ -139,7 +140,6 @@ class Attention(nn.Module):
         """q|k|v as one product (see fused.py); rebuilt if the projections were replaced."""
         f = getattr(self, "_qkv", None)
         if f is None or f.mods[0] is not self.q_proj or f.mods[1] is not self.k_proj or f.mods[2] is not self.v_proj:
-            from .fused import fused_linear
             f = self._qkv = fused_linear([self.q_proj, self.k_proj, self.v_proj])
         return f
 
@@ -161,13 +161,11 @@ class MLP(nn.Module):
     def fused_gate_up(self):
         f = getattr(self, "_gate_up", None)
         if f is None or f.mods[0] is not self.gate_proj or f.mods[1] is not self.up_proj:
-            from .fused import fused_linear
             f = self._gate_up = fused_linear([self.gate_proj, self.up_proj])
         return f
 
     def decode(self, residual, x, fused: bool):
         """residual + MLP(x) with gate|up as one product and the residual added in the last GEMM."""
-        from .fused import linear_add
         f = self.fused_gate_up() if fused else None
         if f is not None:
             gate, up = f.split(f(x))
@@ -192,7 +190,6 @@ class DecoderLayer(nn.Module):
         if not fast:
             x = x + attn.o_proj(h)
             return x + self.mlp(self.post_attention_layernorm(x))
-        from .fused import linear_add
         x = linear_add(x, attn.o_proj, h)
         return self.mlp.decode(x, self.post_attention_layernorm(x, fast), fused)
 
